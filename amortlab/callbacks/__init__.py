@@ -1,0 +1,6 @@
+"""Callbacks shared by every method: annealing (warm-up), image panels, throughput timing."""
+from amortlab.callbacks.annealing import Annealing
+from amortlab.callbacks.images import ImagePanels
+from amortlab.callbacks.timing import Throughput
+
+__all__ = ["Annealing", "ImagePanels", "Throughput"]

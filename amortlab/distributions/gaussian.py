@@ -1,0 +1,46 @@
+"""Fully factorised Gaussian q(z | x) = N(mu, diag(exp(logvar)))."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from amortlab.objectives import LOG_2PI
+
+
+@dataclass
+class DiagGaussian:
+    """Diagonal Gaussian with ``mu``, ``logvar`` of shape ``[B, D]``."""
+
+    mu: Tensor
+    logvar: Tensor
+
+    def sample_noise(self, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """eps ~ N(0, I) of shape ``[k, B, D]``."""
+        return torch.randn((k, *self.mu.shape), device=self.mu.device, dtype=self.mu.dtype, generator=generator)
+
+    def rsample_with_log_prob(self, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """z = mu + sigma * eps, ``[k, B, D]``, and log q(z) ``[k, B]``.
+
+        Uses log q(z) = -(eps^2 + logvar + log 2pi)/2 summed over D, which avoids dividing by sigma.
+        """
+        eps = self.sample_noise(k, generator)
+        z = self.mu + torch.exp(0.5 * self.logvar) * eps
+        log_q = -0.5 * (eps.pow(2) + self.logvar + LOG_2PI).sum(-1)
+        return z, log_q
+
+    def rsample(self, k: int = 1, generator: torch.Generator | None = None) -> Tensor:
+        return self.rsample_with_log_prob(k, generator)[0]
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """log N(z; mu, sigma^2) summed over D; ``z`` ``[k, B, D]`` -> ``[k, B]``."""
+        return -0.5 * ((z - self.mu).pow(2) * torch.exp(-self.logvar) + self.logvar + LOG_2PI).sum(-1)
+
+    def kl_to_standard_normal(self) -> Tensor:
+        """KL(q || N(0, I)) = (1/2) sum_d (mu^2 + sigma^2 - 1 - log sigma^2), ``[B]``."""
+        return 0.5 * (self.mu.pow(2) + self.logvar.exp() - 1.0 - self.logvar).sum(-1)
+
+    def entropy(self) -> Tensor:
+        """H[q] = (1/2) sum_d (1 + log 2pi + log sigma^2), ``[B]``."""
+        return 0.5 * (1.0 + LOG_2PI + self.logvar).sum(-1)

@@ -1,0 +1,193 @@
+"""``ELBOModule``: the one LightningModule every method subclasses.
+
+It owns the prior p(z) = N(0, I), the decoder p_theta(x | z) (Bernoulli logits), the k-sample bound, the
+train/val/test steps, the metrics and the optimiser. A method overrides only ``infer(x) -> q`` (how q(z | x) is
+made) and, where it must, ``training_loss``. Training minimises
+
+    -(1/B) sum_b L_k(x_b),   L_k(x) = log (1/k) sum_i p(x, z_i) / q(z_i | x),   z_i ~ q(z | x)   (k = 1: ELBO),
+
+with optional annealing weights on log p(z) and log q (see ``objectives.log_weights``). Evaluation reports, per
+split, exact means over the whole split (torchmetrics, so DDP equals one process):
+``nll`` = -IWAE-k estimate of log p(x), ``neg_elbo`` = -L_1[q] (from the same k samples) and
+``inference_gap`` = neg_elbo - nll. Evaluation noise is seeded per batch from the batch's position in the split,
+so a number does not depend on the world size or on what ran before.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from amortlab.data.loader import Batch
+from amortlab.distributions import DiagGaussian
+from amortlab.errors import NonFiniteLossError
+from amortlab.evaluation import chunk_size, iwae_estimate
+from amortlab.objectives import k_sample_bound, log_weights, std_normal_log_prob
+from amortlab.regularizers import EncoderRegularizer
+
+EVAL_METRICS = ("nll", "neg_elbo", "inference_gap")
+
+
+def _metric() -> MeanMetric:
+    m = MeanMetric()
+    m.set_dtype(torch.float64)
+    return m
+
+
+class ELBOModule(L.LightningModule):
+    """Base method. Subclasses implement ``infer``.
+
+    Args:
+        decoder: p_theta(x | z); exposes ``z_dim``, ``log_prob(x [B, X], z [k, B, Z]) -> [k, B]`` and
+            ``mean(z) -> E[x | z]`` (Bernoulli MLP by default; the linear-Gaussian decoder has a closed form).
+        importance_samples: ``train`` (k of the training bound), ``val`` (k of the per-epoch validation estimate),
+            ``test`` (k of the final log-likelihood estimate, 5000 in papers).
+        optim: ``optimizer`` (a partial taking params) and optional ``lr_scheduler`` (a partial taking the optimiser)
+            with ``interval`` (epoch/step).
+        evaluation: ``rows`` (decoder rows per evaluation chunk), ``seed`` (evaluation noise seed).
+        regularizer: encoder regularizer (identity by default).
+        log_every_n_steps: how often the training loss is logged (``self.log`` every step costs throughput).
+    """
+
+    method_name = "base"
+
+    def __init__(self, decoder: nn.Module, importance_samples: dict | None = None, optim: dict | None = None,
+                 evaluation: dict | None = None, regularizer: EncoderRegularizer | None = None,
+                 log_every_n_steps: int = 50):
+        super().__init__()
+        self.decoder = decoder
+        self.z_dim = decoder.z_dim
+        ks = {"train": 1, "val": 10, "test": 5000, **dict(importance_samples or {})}
+        self.k_train, self.k_val, self.k_test = int(ks["train"]), int(ks["val"]), int(ks["test"])
+        self.optim_cfg = dict(optim or {})
+        ev = {"rows": 1000, "seed": 0, **dict(evaluation or {})}
+        self.eval_rows, self.eval_seed = int(ev["rows"]), int(ev["seed"])
+        self.regularizer = regularizer or EncoderRegularizer()
+        self.log_every_n_steps = log_every_n_steps
+        # annealing weights on log p(z) and log q(z|x) in the training objective (set by callbacks)
+        self.prior_weight = 1.0
+        self.entropy_weight = 1.0
+        self.metrics = nn.ModuleDict({f"{s}_{m}": _metric() for s in ("val", "test") for m in EVAL_METRICS})
+        self.run_config: dict[str, Any] | None = None  # resolved Hydra config, stored in checkpoints
+
+    # --- what a method defines ----------------------------------------------------------------------------------
+    def infer(self, x: Tensor) -> DiagGaussian:
+        """q(z | x) for a batch ``x`` ``[B, X]``."""
+        raise NotImplementedError
+
+    # --- the bound ------------------------------------------------------------------------------------------------
+    def log_weights(self, x: Tensor, q: DiagGaussian, k: int, generator: torch.Generator | None = None,
+                    annealed: bool = False) -> Tensor:
+        """log w_i = log p(x | z_i) + log p(z_i) - log q(z_i | x), z_i ~ q; ``[k, B]``.
+
+        ``annealed`` applies the current annealing weights (training only).
+        """
+        z, log_q = q.rsample_with_log_prob(k, generator)
+        log_px_z = self.decoder.log_prob(x, z)
+        log_pz = std_normal_log_prob(z)
+        if annealed:
+            return log_weights(log_px_z, log_pz, log_q, self.prior_weight, self.entropy_weight)
+        return log_weights(log_px_z, log_pz, log_q)
+
+    def bound(self, x: Tensor, k: int, x_enc: Tensor | None = None) -> Tensor:
+        """Training objective L_k per example ``[B]``: q from ``x_enc`` (default ``x``), p(x, z) scores ``x``."""
+        q = self.infer(x if x_enc is None else x_enc)
+        return k_sample_bound(self.log_weights(x, q, k, annealed=True))
+
+    def training_loss(self, x: Tensor) -> Tensor:
+        return self.regularizer.training_loss(self, x, self.k_train)
+
+    # --- steps ----------------------------------------------------------------------------------------------------
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        loss = self.training_loss(batch.x)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"The training loss became {loss.item()} at global step {self.global_step} (epoch "
+                f"{self.current_epoch}, batch {batch_idx}); training stopped before that step's update, and the "
+                f"checkpoints already written (last.ckpt / best) are intact. Lower the learning rate "
+                f"(optim.optimizer.lr=...), add warm-up (callbacks=annealing), or check the data for values outside "
+                f"[0, 1]; resume from the last good checkpoint with ckpt_path=.../last.ckpt.")
+        if self.global_step % self.log_every_n_steps == 0:
+            self.log("train/loss", loss.detach(), on_step=True, on_epoch=False)
+        return loss
+
+    def _eval_generator(self, batch: Batch, split: str) -> torch.Generator:
+        g = torch.Generator(device=batch.x.device)
+        g.manual_seed((self.eval_seed * 1_000_003 + (split == "test") * 7_777_777 + batch.first_index) % (2**63))
+        return g
+
+    @torch.no_grad()
+    def evaluate_batch(self, batch: Batch, k: int, split: str = "test") -> dict[str, Tensor]:
+        """Per-example ``nll`` (-IWAE-k), ``neg_elbo`` and ``inference_gap`` for one batch, each ``[B]``."""
+        x = batch.x
+        gen = self._eval_generator(batch, split)
+        q = self.infer_for_eval(x)
+        log_px, elbo = iwae_estimate(lambda n: self.log_weights(x, q, n, gen), k,
+                                     chunk_size(k, len(x), self.eval_rows))
+        return {"nll": -log_px, "neg_elbo": -elbo, "inference_gap": log_px - elbo}
+
+    def infer_for_eval(self, x: Tensor) -> DiagGaussian:
+        """q used at evaluation time; methods that refine q at test time override this."""
+        return self.infer(x)
+
+    def _eval_step(self, batch: Batch, split: str, k: int) -> None:
+        out = self.evaluate_batch(batch, k, split)
+        for name, values in out.items():
+            metric = self.metrics[f"{split}_{name}"]
+            metric.update(values)
+            self.log(f"{split}/{name}", metric, on_step=False, on_epoch=True, batch_size=len(batch.x))
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.k_val)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.k_test)
+
+    # --- images ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_images(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Mean images E[x | z], z ~ p(z); ``[n, X]``."""
+        z = torch.randn(n, self.z_dim, generator=generator, device=self.device)
+        return self.decoder.mean(z)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """E[x | z = mean of q(z | x)]; ``[B, X]``."""
+        return self.decoder.mean(self.infer_for_eval(x).mu)
+
+    # --- optimisation ---------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        make_opt = self.optim_cfg.get("optimizer")
+        opt = make_opt(self.parameters()) if make_opt else torch.optim.Adam(self.parameters(), lr=1e-3, eps=1e-4)
+        make_sched = self.optim_cfg.get("lr_scheduler")
+        if not make_sched:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": make_sched(opt),
+                                                     "interval": self.optim_cfg.get("interval", "epoch")}}
+
+    def init_output_bias(self, x_mean: Tensor) -> None:
+        if hasattr(self.decoder, "init_output_bias"):
+            self.decoder.init_output_bias(x_mean)
+
+    # --- checkpoints ----------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["amortlab_config"] = self.run_config
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "torch_rng_state" in checkpoint:
+            self._restored_rng_state = checkpoint["torch_rng_state"]
+
+    def on_train_start(self) -> None:
+        # restore the global RNG where the checkpoint left it, so a resumed run continues the same noise stream
+        state = getattr(self, "_restored_rng_state", None)
+        if state is not None:
+            torch.set_rng_state(state)
+            self._restored_rng_state = None
+
+    def tags(self) -> list[str]:
+        return [f"method:{self.method_name}", f"k:{self.k_train}", *self.regularizer.tags()]

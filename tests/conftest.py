@@ -1,0 +1,31 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# W&B must never reach the network from tests.
+os.environ["WANDB_MODE"] = "offline" if os.environ.get("WANDB_MODE") not in ("disabled", "offline") else os.environ[
+    "WANDB_MODE"]
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("WANDB_DISABLE_GIT", "true")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def shared_data_dir() -> Path | None:
+    d = os.environ.get("AMORTLAB_DATA")
+    return Path(d) if d and Path(d).is_dir() else None
+
+
+@pytest.fixture
+def mnist_dir() -> Path:
+    d = shared_data_dir()
+    if d is None or not (d / "binarized_mnist.npz").is_file():
+        pytest.skip("real binarized MNIST not found: set AMORTLAB_DATA to the folder holding binarized_mnist.npz")
+    return d

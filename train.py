@@ -1,0 +1,31 @@
+#!/usr/bin/env python
+"""Hydra entry point: compose the config, then train and evaluate one run (see amortlab/run.py).
+
+    python train.py                                   # VAE on the embedded digits data
+    python train.py dataset=binarized_mnist importance_samples=k5 trainer.max_epochs=10
+    python train.py train=false ckpt_path=outputs/.../checkpoints/best.ckpt
+"""
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+import amortlab.config  # noqa: F401  (registers the typed schema `base_config`)
+from amortlab.errors import AmortlabError
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from amortlab.run import run
+
+    try:
+        results = run(cfg, HydraConfig.get().runtime.output_dir)
+    except AmortlabError as e:
+        print(f"\namortlab error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    return results["metrics"].get("test/nll")  # the value Hydra sweepers optimise
+
+
+if __name__ == "__main__":
+    main()
