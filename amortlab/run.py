@@ -102,10 +102,6 @@ def build_logger(cfg: DictConfig, module, out_dir: Path, data_name: str):
     return _instantiate(cfg.logger, "logger", **kwargs)
 
 
-def _metrics(results: list[dict]) -> dict[str, float]:
-    return {k: float(v) for r in results for k, v in r.items()}
-
-
 def quiet_lightning() -> None:
     """Lightning logs through its own handler; stop Hydra's root handler printing each line a second time and
     drop advice that does not apply to in-memory tensor loaders."""
@@ -176,10 +172,11 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         module.k_val = module.k_test  # the final numbers use the test estimator on both splits
         t0 = time.perf_counter()
         if cfg.evaluation.val:
-            results["metrics"].update(_metrics(trainer.validate(module, datamodule=dm, ckpt_path=eval_ckpt,
-                                                                verbose=False)))
+            trainer.validate(module, datamodule=dm, ckpt_path=eval_ckpt, verbose=False)
+            results["metrics"].update(module.eval_results["val"])
         t1 = time.perf_counter()
-        results["metrics"].update(_metrics(trainer.test(module, datamodule=dm, ckpt_path=eval_ckpt, verbose=False)))
+        trainer.test(module, datamodule=dm, ckpt_path=eval_ckpt, verbose=False)
+        results["metrics"].update(module.eval_results["test"])
         timing["val_s"] = round(t1 - t0, 3)
         timing["test_s"] = round(time.perf_counter() - t1, 3)
         timing["test_images_per_s"] = round(dm.info()["test_size"] / max(timing["test_s"], 1e-9), 2)

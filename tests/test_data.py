@@ -225,7 +225,7 @@ def test_npz_missing_key(tmp_path):
         SmallBMNIST(data_dir=str(tmp_path), verify_checksum=False).setup()
 
 
-@pytest.mark.parametrize("bad", ["value", "columns", "ragged", "text"])
+@pytest.mark.parametrize("bad", ["value", "columns", "ragged", "text", "empty"])
 def test_amat_malformed(amat_dir, bad):
     d, arrays = amat_dir
     path = d / "binarized_mnist_test.amat"
@@ -236,9 +236,11 @@ def test_amat_malformed(amat_dir, bad):
         lines = [" ".join(line.split()[:783]) for line in lines]
     elif bad == "ragged":
         lines[5] = " ".join(lines[5].split()[:700])
-    else:
+    elif bad == "text":
         lines[2] = lines[2].replace("0", "x", 1)
-    path.write_text("\n".join(lines) + "\n")
+    else:
+        lines = []
+    path.write_text("".join(line + "\n" for line in lines))
     with pytest.raises(AmortlabError, match="binarized_mnist_test.amat"):
         SmallBMNIST(data_dir=str(d)).setup()
     assert not (d / bm.CACHE_FILENAME).exists()  # nothing bad gets cached
@@ -264,6 +266,27 @@ def test_binarized_mnist_missing(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="nowhere"):
         BinarizedMNISTDataModule(data_dir=str(missing_dir)).setup()
     assert not missing_dir.exists()
+
+
+def test_binarized_mnist_partly_missing(amat_dir):
+    d, _ = amat_dir
+    (d / "binarized_mnist_valid.amat").unlink()
+    with pytest.raises(DatasetNotFoundError) as e:
+        SmallBMNIST(data_dir=str(d)).setup()
+    assert str(d / "binarized_mnist_valid.amat") in str(e.value) and bm.AMAT["valid"].url in str(e.value)
+    assert "binarized_mnist_test.amat (" not in str(e.value)  # present files are not reported missing
+    assert not (d / bm.CACHE_FILENAME).exists()
+
+
+def test_binarized_mnist_download_from_file_urls(amat_dir, tmp_path_factory, monkeypatch):
+    src, arrays = amat_dir
+    monkeypatch.setattr(bm, "AMAT", {s: Resource(r.filename, (src / r.filename).as_uri(), None)
+                                     for s, r in bm.AMAT.items()})
+    dst = tmp_path_factory.mktemp("bm_download")
+    dm = SmallBMNIST(data_dir=str(dst), download=True)
+    dm.setup()
+    assert torch.equal(dm.splits["test"], torch.from_numpy(arrays["test"]).float())
+    assert listing(dst) == sorted([bm.CACHE_FILENAME] + [f"binarized_mnist_{s}.amat" for s in bm.SPLITS])
 
 
 # --- OMNIGLOT --------------------------------------------------------------------------------------------------------

@@ -56,8 +56,8 @@ def test_encoder_exact_posterior_matches_closed_form():
 def perturbed_model() -> AmortizedVAE:
     m = linear_model()
     with torch.no_grad():
-        m.encoder.linear.weight.mul_(0.6)
-        m.encoder.logvar.add_(0.8)
+        m.encoder.linear.bias.add_(0.4)
+        m.encoder.logvar.add_(0.5)
     return m
 
 
@@ -71,9 +71,9 @@ def test_iwae_monotone_in_k_and_below_log_px():
         reps = 4000 // k if k < 500 else 40
         vals = torch.stack([k_sample_bound(m.log_weights(x, q, k)) for _ in range(reps)])  # [reps, B]
         means.append(vals.mean(0))
-    elbo_exact = (m.log_weights(x, q, 20000).mean(0))  # E_q[log w] by brute force
+    elbo_exact = analytic_elbo(m, x)
     gap1 = (exact - means[0]).mean().item()
-    assert gap1 > 0.3, "the perturbed encoder must leave a visible inference gap"
+    assert gap1 > 0.1, "the perturbed encoder must leave a visible inference gap"
     for lo, hi in zip(means[:-1], means[1:]):
         assert (hi - lo).mean() > 0  # L_1 < L_5 < L_50 < L_500 on average
     assert (means[-1] - exact).mean() <= 0  # a lower bound on log p(x) ...
@@ -82,14 +82,21 @@ def test_iwae_monotone_in_k_and_below_log_px():
     torch.testing.assert_close(means[0], elbo_exact, atol=0.05, rtol=0)
 
 
+def analytic_elbo(m: AmortizedVAE, x: torch.Tensor) -> torch.Tensor:
+    """Closed form E_q[log N(x; Wz + b, s^2 I)] - KL(q || N(0, I)) for diagonal q."""
+    q, d = m.infer(x), m.decoder
+    var = torch.exp(2 * d.log_s)
+    resid = ((x - d.mean(q.mu)) ** 2).sum(-1) + (d.W**2 * q.logvar.exp()[:, None, :]).sum((-1, -2))
+    rec = -0.5 * (resid / var + x.shape[-1] * (torch.log(var) + math.log(2 * math.pi)))
+    return rec - q.kl_to_standard_normal()
+
+
 def test_analytic_elbo_matches_monte_carlo():
-    """ELBO = E_q[log p(x|z)] - KL(q || p) with the closed-form KL, against the Monte Carlo average of log w."""
+    """ELBO = E_q[log p(x|z)] - KL(q || p), both in closed form, against the Monte Carlo average of log w."""
     m = perturbed_model()
     x = data(m, 4)
     q = m.infer(x)
-    z = q.rsample(200000)
-    rec = m.decoder.log_prob(x, z).mean(0)
-    analytic = rec - q.kl_to_standard_normal()
+    analytic = analytic_elbo(m, x)
     mc = m.log_weights(x, q, 200000).mean(0)
     torch.testing.assert_close(analytic, mc, atol=0.02, rtol=0)
 

@@ -13,12 +13,19 @@ class Throughput(L.Callback):
         self.images = 0
         self.train_s = 0.0
         self._t0: float | None = None
+        self._step0: int | None = None
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._t0 = time.perf_counter()
+        self._step0 = trainer.global_step
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.images += len(batch.x) * trainer.world_size
+    def _count(self, trainer) -> None:
+        # no per-batch hook (it costs throughput): every training batch has the same size (drop_last)
+        dm = trainer.datamodule
+        batch = getattr(dm, "batch_size", None) if dm is not None else None
+        if batch is not None and self._step0 is not None:
+            self.images += (trainer.global_step - self._step0) * batch * trainer.world_size
+        self._step0 = None
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._stop()
@@ -28,6 +35,7 @@ class Throughput(L.Callback):
             self._t0 = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._count(trainer)
         self._stop()
 
     def _stop(self) -> None:

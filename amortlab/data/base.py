@@ -126,9 +126,9 @@ class TensorDataModule(L.LightningDataModule):
         return TensorLoader(self.splits["train"], self.batch_size, shuffle=True, drop_last=True, seed=self.seed,
                             dynamic_binarization=self.binarization == "dynamic", epoch_source=self._trainer_epoch)
 
-    def _trainer_epoch(self) -> int:
+    def _trainer_epoch(self) -> int | None:
         trainer = getattr(self, "trainer", None)
-        return trainer.current_epoch if trainer is not None else 0
+        return trainer.current_epoch if trainer is not None else None
 
     def _eval_loader(self, split: str) -> TensorLoader:
         self.setup()

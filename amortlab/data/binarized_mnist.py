@@ -62,6 +62,9 @@ def parse_amat(path: Path, dataset: str = "binarized_mnist") -> np.ndarray:
         raise AmortlabError(f"Dataset '{dataset}': cannot parse {path} ({e}); expected one image per line of 784 "
                             f"space-separated 0/1 values. The file is corrupt or truncated: delete it and download "
                             f"it again from {AMAT_URL}.") from e
+    if a.size == 0:
+        raise AmortlabError(f"Dataset '{dataset}': {path} is empty; expected one image per line of 784 space-separated "
+                            f"0/1 values. Delete it and download it again from {AMAT_URL}.")
     return a
 
 
@@ -108,12 +111,13 @@ class BinarizedMNISTDataModule(TensorDataModule):
         try:
             return {s: fetch(AMAT[s], self.data_dir, self.name, self.download, self.verify_checksum) for s in SPLITS}
         except DatasetNotFoundError as e:
-            missing = [r for r in AMAT.values() if not (Path(self.data_dir) / r.filename).is_file()]
+            # fetch reported the first missing file; name the others too, and the .npz alternative.
+            others = [r for r in AMAT.values() if not (Path(self.data_dir) / r.filename).is_file()][1:]
+            also = (f" The other Larochelle & Murray text files are missing as well: "
+                    f"{', '.join(f'{r.filename} ({r.url})' for r in others)}." if others else "")
             raise DatasetNotFoundError(
-                f"{e} All three Larochelle & Murray text files are needed (missing: "
-                f"{', '.join(f'{r.filename} from {r.url}' for r in missing)}). Alternatively put the repacked "
-                f"{NPZ.filename} (arrays train/valid/test, uint8; no public URL) at "
-                f"{Path(self.data_dir) / NPZ.filename}.") from None
+                f"{e}{also} Alternatively put the repacked {NPZ.filename} (arrays train/valid/test, uint8 0/1; no "
+                f"public URL) at {Path(self.data_dir) / NPZ.filename}.") from None
 
     def read_npz(self, path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
         try:

@@ -71,7 +71,8 @@ class TensorLoader:
     def __iter__(self):
         rank, world = _rank_world()
         B, n = self.batch_size, self._num_global_batches()
-        epoch = self.epoch_source() if self.epoch_source is not None else self.epoch
+        epoch = self.epoch_source() if self.epoch_source is not None else None
+        epoch = self.epoch if epoch is None else epoch
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         if self.shuffle:
             perm = torch.randperm(len(self.data), generator=gen)

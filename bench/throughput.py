@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Throughput of amortlab against the plain-PyTorch reference loop, in one process run on binarized MNIST.
+
+    python bench/throughput.py                  # k = 1 and k = 50 training, IWAE-5000 evaluation
+    python bench/throughput.py --quick          # shorter runs (noisier)
+
+Same model (784-200-200-50 tanh), batch 100, fused Adam, same thread count, same process (so the same allocator
+settings). Library and reference runs are interleaved and repeated; the table reports medians and the ratio
+library / reference. Library training throughput is the Lightning fit loop's training time (validation off,
+Trainer start-up excluded; > 3 epochs or 300 steps per measurement); evaluation throughput is the test epoch of
+``trainer.test`` with the library's default evaluation settings (IWAE-5000, 100 images x 10-sample chunks).
+Targets (issue 3): training >= 0.85x at k = 1 and k = 50, IWAE-5000 evaluation >= 0.9x.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from amortlab.callbacks import Throughput  # noqa: E402
+from amortlab.run import build_module, compose_config, quiet_lightning  # noqa: E402
+
+
+def reference_module(shared: Path):
+    sys.path.insert(0, str(shared / "bench"))
+    import reference_loop
+
+    return reference_loop
+
+
+def run_reference(ref, data: Path, args: list[str]) -> dict:
+    argv, out = sys.argv, io.StringIO()
+    sys.argv = ["reference_loop.py", "--data", str(data), "--json", *args]
+    try:
+        with contextlib.redirect_stdout(out):
+            ref.main()
+    finally:
+        sys.argv = argv
+    return json.loads(out.getvalue().strip().splitlines()[-1])
+
+
+class TestTimer(L.Callback):
+    def on_test_epoch_start(self, trainer, pl_module):
+        self.t0 = time.perf_counter()
+
+    def on_test_epoch_end(self, trainer, pl_module):
+        self.seconds = time.perf_counter() - self.t0
+
+
+def library(data_dir: Path, k: int, overrides: list[str] = ()):
+    cfg = compose_config(["dataset=binarized_mnist", f"data_dir={data_dir}", f"importance_samples.train={k}",
+                          "logger=none", *overrides])
+    dm = instantiate(cfg.dataset)
+    dm.setup()
+    with open_dict(cfg):
+        cfg.x_dim = dm.x_dim
+    return build_module(cfg), dm
+
+
+def trainer(**kw) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                     num_sanity_val_steps=0, limit_val_batches=0, **kw)
+
+
+def run_library_train(data_dir: Path, k: int, epochs: int, batches: int | None) -> float:
+    module, dm = library(data_dir, k)
+    tp = Throughput()
+    trainer(max_epochs=epochs, limit_train_batches=batches, callbacks=[tp]).fit(module, datamodule=dm)
+    return tp.images_per_s
+
+
+def run_library_eval(data_dir: Path, n: int) -> float:
+    module, dm = library(data_dir, 1)
+    timer = TestTimer()
+    batches = max(1, n // dm.eval_batch_size)
+    trainer(limit_test_batches=batches, callbacks=[timer]).test(module, datamodule=dm, verbose=False)
+    return batches * dm.eval_batch_size / timer.seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=os.environ.get("AMORTLAB_DATA", str(ROOT.parent / "shared" / "data")))
+    p.add_argument("--shared", default=str(ROOT.parent / "shared"), help="folder holding bench/reference_loop.py")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", choices=["k1", "k50", "eval"], nargs="*", default=["k1", "k50", "eval"])
+    p.add_argument("--json", default=None, help="also write the results here")
+    a = p.parse_args()
+
+    warnings.filterwarnings("ignore")
+    quiet_lightning()
+    torch.set_num_threads(a.threads)
+    data_dir = Path(a.data_dir)
+    npz = data_dir / "binarized_mnist.npz"
+    ref = reference_module(Path(a.shared))
+
+    # (name, k, library epochs, batches per epoch, reference steps)
+    q = a.quick
+    cases = {"k1": ("train k=1", 1, 3, None if not q else 200, 1500 if not q else 600),
+             "k50": ("train k=50", 50, 3, 100 if not q else 30, 300 if not q else 90)}
+    n_eval = 500 if not q else 200
+    rows = []
+    for key in a.only:
+        lib, refv = [], []
+        for _ in range(a.reps):
+            if key == "eval":
+                r = run_reference(ref, npz, ["--steps", "0", "--eval-k", "5000", "--eval-n", str(n_eval),
+                                             "--threads", str(a.threads)])
+                refv.append(r["eval_img_s"])
+                lib.append(run_library_eval(data_dir, n_eval))
+                name = "IWAE-5000 eval (test img/s)"
+            else:
+                name, k, epochs, batches, steps = cases[key]
+                r = run_reference(ref, npz, ["--k", str(k), "--steps", str(steps), "--threads", str(a.threads)])
+                refv.append(r["train_img_s"])
+                lib.append(run_library_train(data_dir, k, epochs, batches))
+            print(f"  {name}: library {lib[-1]:.1f}  reference {refv[-1]:.1f}", flush=True)
+        lm, rm = statistics.median(lib), statistics.median(refv)
+        target = 0.9 if key == "eval" else 0.85
+        rows.append({"case": name, "library": round(lm, 1), "reference": round(rm, 1), "ratio": round(lm / rm, 3),
+                     "target": target, "ok": lm / rm >= target, "library_runs": lib, "reference_runs": refv})
+
+    print(f"\nthroughput vs ../shared/bench/reference_loop.py (torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, medians of {a.reps})")
+    print(f"{'case':<30}{'library':>12}{'reference':>12}{'ratio':>8}{'target':>8}")
+    for r in rows:
+        print(f"{r['case']:<30}{r['library']:>12.1f}{r['reference']:>12.1f}{r['ratio']:>8.3f}"
+              f"{'>=' + str(r['target']):>8} {'ok' if r['ok'] else 'BELOW'}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

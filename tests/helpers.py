@@ -1,0 +1,28 @@
+"""Callbacks that tests inject through the CLI (``+callbacks.NAME._target_=tests.helpers.X``)."""
+import os
+
+import lightning as L
+import torch
+
+
+class KillAt(L.Callback):
+    """Simulate a killed job: the process exits abruptly (no clean-up) before global step ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os._exit(17)
+
+
+class PoisonAt(L.Callback):
+    """Make the decoder's output bias NaN before global step ``step`` so the loss becomes NaN there."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.decoder.output_layer.bias.fill_(float("nan"))

@@ -1,0 +1,162 @@
+"""End-to-end runs of train.py in subprocesses: outputs, evaluation of checkpoints, resume, DDP, bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+BASE = ["logger=none", "trainer.max_epochs=3", "importance_samples.test=200"]
+
+
+def train(*overrides: str, run_dir: Path, env: dict | None = None, check: bool = True, timeout: int = 600):
+    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *overrides]
+    e = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", **(env or {})}
+    proc = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("digits")
+    train(*BASE, run_dir=run_dir)
+    return run_dir
+
+
+def test_default_run_writes_results_checkpoints_images(digits_run):
+    r = results(digits_run)
+    assert r["status"] == "ok"
+    m = r["metrics"]
+    for split in ("val", "test"):
+        assert m[f"{split}/nll"] > 0
+        assert m[f"{split}/neg_elbo"] >= m[f"{split}/nll"]  # ELBO <= IWAE estimate
+        assert m[f"{split}/inference_gap"] == pytest.approx(m[f"{split}/neg_elbo"] - m[f"{split}/nll"], abs=1e-6)
+    assert r["data"]["name"] == "digits"
+    assert (r["data"]["train_size"], r["data"]["val_size"], r["data"]["test_size"]) == (1258, 180, 359)
+    assert r["data"]["binarization"] == "threshold"
+    assert 0 < r["data"]["train_pixel_mean"] < 1
+    assert r["config"]["importance_samples"]["test"] == 200
+    assert {"fit_s", "test_s", "train_images_per_s"} <= set(r["timing"])
+    assert r["versions"]["torch"] == torch.__version__
+    assert "git_commit" in r
+    assert (digits_run / "checkpoints" / "last.ckpt").is_file()
+    assert (digits_run / "checkpoints" / "best.ckpt").is_file()
+    assert (digits_run / "images" / "samples_final.png").is_file()
+    assert (digits_run / "images" / "reconstructions_final.png").is_file()
+
+
+def test_evaluate_checkpoint_without_training_reproduces_numbers(digits_run, tmp_path):
+    """Evaluation noise is seeded per batch, so re-evaluating the same weights gives the same numbers."""
+    ckpt = results(digits_run)["checkpoints"]["evaluated"]
+    train("train=false", f"ckpt_path={ckpt}", "logger=none", "importance_samples.test=200", run_dir=tmp_path)
+    a, b = results(digits_run)["metrics"], results(tmp_path)["metrics"]
+    assert b["test/nll"] == pytest.approx(a["test/nll"], abs=1e-9)
+    assert b["test/neg_elbo"] == pytest.approx(a["test/neg_elbo"], abs=1e-9)
+
+
+def test_wandb_offline_run_is_local_and_tagged(tmp_path):
+    proc = train("trainer.max_epochs=1", "importance_samples.test=20", "logger=wandb", run_dir=tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, proc.stdout
+    r = results(tmp_path)
+    assert "vae" in r["tags"] and "k:1" in r["tags"]
+
+
+def test_binarized_mnist_limited_batches(mnist_dir, tmp_path):
+    train("dataset=binarized_mnist", f"data_dir={mnist_dir}", "logger=none", "trainer.max_epochs=1",
+          "trainer.limit_train_batches=20", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
+          "importance_samples=k5", "importance_samples.test=100", run_dir=tmp_path)
+    r = results(tmp_path)
+    assert r["data"]["train_size"] == 50000 and r["data"]["test_size"] == 10000
+    assert 100 < r["metrics"]["test/nll"] < 600
+    assert r["timing"]["steps"] == 20
+
+
+def test_resume_after_kill_gives_same_final_metrics(tmp_path):
+    common = [*BASE, "trainer.max_epochs=4", "importance_samples=k5", "importance_samples.test=100"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    train(*common, run_dir=full)
+    # 12 steps per epoch on digits: die in the middle of epoch 3 (after last.ckpt of epoch 2 was written)
+    proc = train(*common, "+callbacks.kill._target_=tests.helpers.KillAt", "+callbacks.kill.step=30",
+                 run_dir=killed, check=False)
+    assert proc.returncode == 17
+    assert not (killed / "results.json").exists()
+    train(*common, f"ckpt_path={killed / 'checkpoints' / 'last.ckpt'}", run_dir=killed)
+    a, b = results(full)["metrics"], results(killed)["metrics"]
+    for key in ("val/nll", "test/nll", "test/neg_elbo"):
+        assert b[key] == pytest.approx(a[key], abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_single_process(digits_run, tmp_path):
+    ckpt = results(digits_run)["checkpoints"]["evaluated"]
+    common = ["train=false", f"ckpt_path={ckpt}", "logger=none", "importance_samples.test=200"]
+    train(*common, run_dir=tmp_path / "one")
+    train(*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", run_dir=tmp_path / "two")
+    a, b = results(tmp_path / "one")["metrics"], results(tmp_path / "two")["metrics"]
+    for key in ("test/nll", "test/neg_elbo", "val/nll"):
+        assert b[key] == pytest.approx(a[key], abs=1e-9), key
+
+
+# --- bad input: one clear paragraph, no traceback, nothing lost --------------------------------------------------
+
+def _clean_error(proc) -> str:
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert "Traceback" not in err, err[-3000:]
+    return err
+
+
+def test_unknown_group_option(tmp_path):
+    err = _clean_error(train("dataset=not_a_dataset", run_dir=tmp_path, check=False))
+    assert "not_a_dataset" in err and "Available options" in err and "binarized_mnist" in err
+
+
+def test_wrong_type(tmp_path):
+    err = _clean_error(train("seed=abc", run_dir=tmp_path, check=False))
+    assert "seed" in err and "abc" in err
+
+
+def test_unknown_key(tmp_path):
+    err = _clean_error(train("dataset.batchsize=10", run_dir=tmp_path, check=False))
+    assert "batchsize" in err
+
+
+def test_missing_dataset_offline(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = _clean_error(train("dataset=omniglot", f"data_dir={empty}", run_dir=tmp_path / "run", check=False))
+    assert "chardata.mat" in err and str(empty) in err and "http" in err
+    assert list(empty.iterdir()) == []
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
+    proc = train(*BASE, "+callbacks.poison._target_=tests.helpers.PoisonAt", "+callbacks.poison.step=30",
+                 run_dir=tmp_path, check=False)
+    err = _clean_error(proc)
+    assert "global step 30" in err and "nan" in err.lower()
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 24  # end of epoch 2, before the poisoned step
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+    r = results(tmp_path)
+    assert r["status"] == "failed" and "global step 30" in r["error"]
+
+
+def test_existing_results_are_kept(tmp_path):
+    train(*BASE, "trainer.max_epochs=1", "importance_samples.test=20", run_dir=tmp_path)
+    first = (tmp_path / "results.json").read_text()
+    train(*BASE, "trainer.max_epochs=1", "importance_samples.test=20", run_dir=tmp_path)
+    kept = list(tmp_path.glob("results.prev-*.json"))
+    assert len(kept) == 1 and kept[0].read_text() == first
