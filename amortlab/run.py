@@ -108,7 +108,8 @@ def quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch").propagate = False
     logging.getLogger("lightning.fabric").propagate = False
     for msg in (".*does not have many workers.*", ".*smaller than the logging interval.*",
-                ".*isinstance\\(treespec, LeafSpec\\).*", ".*Checkpoint directory .* exists and is not empty.*"):
+                ".*isinstance\\(treespec, LeafSpec\\).*", ".*Checkpoint directory .* exists and is not empty.*",
+                ".*overridden `transfer_batch_to_device`.*", ".*anonymous setting has no effect.*"):
         warnings.filterwarnings("ignore", message=msg)
 
 
@@ -128,8 +129,10 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         module.init_output_bias(dm.train_mean)
 
     throughput = Throughput()
-    ckpt_cb = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="best", monitor="val/nll", mode="min",
-                              save_last=True, save_top_k=1, enable_version_counter=True)
+    validates = cfg.trainer.get("limit_val_batches") not in (0, 0.0)
+    # best = lowest val/nll; without validation only last.ckpt is kept (and evaluated)
+    ckpt_cb = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="best", monitor="val/nll" if validates else None,
+                              mode="min", save_last=True, save_top_k=1 if validates else 0, enable_version_counter=True)
     callbacks = [ckpt_cb, throughput, ImagePanels(str(out_dir / "images"), seed=cfg.seed)]
     if cfg.annealing:
         callbacks.append(_instantiate(cfg.annealing, "annealing"))

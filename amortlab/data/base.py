@@ -41,6 +41,14 @@ def split_off(data: Tensor, n_holdout: int, seed: int) -> tuple[Tensor, Tensor]:
     return data[rest].contiguous(), data[hold].contiguous()
 
 
+def holdout_validation(dataset: str, train: Tensor, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
+    """(train, val) for sources without a validation split: a seeded hold-out of ``val_size`` training rows."""
+    if not 0 < val_size < len(train):
+        raise AmortlabError(f"Dataset '{dataset}': dataset.val_size={val_size} must be between 1 and "
+                            f"{len(train) - 1} (the number of training images minus one).")
+    return split_off(train, val_size, seed)
+
+
 class TensorDataModule(L.LightningDataModule):
     """Base datamodule. ``image_shape`` (C, H, W) is a class attribute; ``x_dim`` = C*H*W."""
 

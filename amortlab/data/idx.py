@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from amortlab.data.base import TensorDataModule, as_rows, split_off
+from amortlab.data.base import TensorDataModule, as_rows, holdout_validation
 from amortlab.data.download import Resource, fetch
 from amortlab.errors import AmortlabError
 
@@ -80,10 +80,7 @@ class MNISTDataModule(TensorDataModule):
     def load_splits(self) -> dict[str, Tensor]:
         train = self.read_images("train", self.train_images)
         test = self.read_images("test", self.test_images)
-        if not 0 < self.val_size < len(train):
-            raise AmortlabError(f"Dataset '{self.name}': dataset.val_size={self.val_size} must be between 1 and "
-                                f"{len(train) - 1} (the number of training images minus one).")
-        train, val = split_off(train, self.val_size, self.split_seed)
+        train, val = holdout_validation(self.name, train, self.val_size, self.split_seed)
         return {"train": train, "val": val, "test": test}
 
     def read_images(self, split: str, resource: Resource) -> Tensor:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from amortlab.data.base import TensorDataModule, as_rows, split_off
+from amortlab.data.base import TensorDataModule, as_rows, holdout_validation
 from amortlab.data.download import Resource, fetch
 from amortlab.errors import AmortlabError
 
@@ -57,10 +57,7 @@ class OmniglotDataModule(TensorDataModule):
         mat = load_mat(path, ("data", "testdata"), self.name, CHARDATA.url)
         rows = {k: self.to_rows(k, a, path) for k, a in mat.items()}
         train = as_rows(rows["data"])
-        if not 0 < self.val_size < len(train):
-            raise AmortlabError(f"Dataset '{self.name}': dataset.val_size={self.val_size} must be between 1 and "
-                                f"{len(train) - 1} (the number of training images minus one).")
-        train, val = split_off(train, self.val_size, self.split_seed)
+        train, val = holdout_validation(self.name, train, self.val_size, self.split_seed)
         return {"train": train, "val": val, "test": as_rows(rows["testdata"])}
 
     def to_rows(self, key: str, a: np.ndarray, path: Path) -> np.ndarray:
