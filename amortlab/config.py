@@ -56,6 +56,7 @@ class Config:
     train: bool = True
     test: bool = True
     ckpt_path: Optional[str] = None
+    skip_if_done: bool = False  # return at once if the run dir already holds results.json with status ok (sweeps)
     x_dim: Optional[int] = None  # filled in from the dataset before the model is built
     name: Optional[str] = None  # run name (W&B); default: derived from method, dataset, regularizer, k
     group: Optional[str] = None  # W&B group (sweep.py sets it to the study name)

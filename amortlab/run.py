@@ -4,6 +4,7 @@ Kept out of train.py so tests and sweep.py can call it, and so train.py is only 
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -117,6 +118,11 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """Train (unless ``train=false``) and evaluate; write ``out_dir/results.json``; return the results dict."""
     out_dir = Path(out_dir)
     quiet_lightning()
+    if cfg.skip_if_done and (out_dir / "results.json").is_file():
+        done = json.loads((out_dir / "results.json").read_text())
+        if done.get("status") == "ok":
+            print(f"amortlab: {out_dir} already holds a finished run (skip_if_done=true); not running it again.")
+            return done
     cfg = prepare_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -145,7 +151,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     results: dict[str, Any] = {
         "status": "running", "metrics": {}, "data": dm.info(), "config": module.run_config,
         "versions": versions(), "git_commit": git_commit(), "timing": {}, "out_dir": str(out_dir),
-        "tags": module.tags(),
+        "tags": module.tags(), "axes": module.axes(),
     }
     timing = results["timing"]
     eval_ckpt = cfg.ckpt_path

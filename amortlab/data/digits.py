@@ -1,7 +1,7 @@
 """scikit-learn's 8x8 handwritten digits (UCI optdigits test part, 1797 images), shipped inside scikit-learn.
 
 Grey levels 0..16 are scaled to [0, 1] and binarized at ``threshold`` (default 0.5, i.e. level >= 8). Split: a fixed
-permutation from ``split_seed`` gives 1257 train / 180 val / 360 test images (70 / 10 / 20 %).
+permutation from ``split_seed`` gives 1258 train / 180 val / 359 test images (70 / 10 / 20 %).
 """
 from __future__ import annotations
 

@@ -215,3 +215,8 @@ class ELBOModule(L.LightningModule):
 
     def tags(self) -> list[str]:
         return [f"method:{self.method_name}", f"k:{self.k_train}", *self.regularizer.tags()]
+
+    def axes(self) -> dict[str, Any]:
+        """The run's coordinates in a study (results.json ``axes``; sweep.py groups and plots by them)."""
+        return {"method": self.method_name, "regularizer": self.regularizer.name,
+                "strength": self.regularizer.strength, "k": self.k_train}

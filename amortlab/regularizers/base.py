@@ -21,6 +21,11 @@ class EncoderRegularizer:
 
     name = "none"
 
+    @property
+    def strength(self) -> float | None:
+        """The regularizer's strength parameter (sigma, H, ...) for tables and plots; None when it has none."""
+        return None
+
     def wrap_encoder(self, encoder: nn.Module) -> nn.Module:
         return encoder
 
