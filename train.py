@@ -9,6 +9,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import amortlab.config  # noqa: F401  (registers the typed schema `base_config`)
@@ -23,6 +24,8 @@ def main(cfg: DictConfig) -> float | None:
         results = run(cfg, HydraConfig.get().runtime.output_dir)
     except AmortlabError as e:
         print(f"\namortlab error: {e}", file=sys.stderr, flush=True)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra marks only this job failed, runs the rest of the sweep, then exits non-zero
         sys.exit(1)
     return results["metrics"].get("test/nll")  # the value Hydra sweepers optimise
 

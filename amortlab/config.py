@@ -12,6 +12,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from amortlab.evaluation.iw_svi import SVIConfig
+
 
 @dataclass
 class ImportanceSamples:
@@ -24,14 +26,18 @@ class ImportanceSamples:
 
 @dataclass
 class Evaluation:
-    """How the final numbers are computed.
+    """How the final numbers are computed (the ``evaluation`` group: ``iwae`` [default] or ``iw_svi``).
 
+    estimator: ``iwae`` = IWAE-k from the amortized q; ``iw_svi`` = refine each point's q first (``svi``), then IWAE-k.
+    svi: IW-SVI settings (steps, lr, k of the refined bound, select_k, log-variance clamp); see evaluation/iw_svi.py.
     rows: decoder rows per evaluation chunk (chunk = rows // batch samples; ~1000 is right for CPUs).
     seed: seed of the evaluation noise (per batch, independent of the world size).
     ckpt: which weights are evaluated after training: ``best`` (lowest val/nll) or ``last``.
     val: also run the final estimator on the validation split (results.json ``val/...``).
     """
 
+    estimator: str = "iwae"
+    svi: SVIConfig = field(default_factory=SVIConfig)
     rows: int = 1000
     seed: int = 0
     ckpt: str = "best"

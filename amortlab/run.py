@@ -179,6 +179,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
 
     if cfg.test:
         module.k_val = module.k_test  # the final numbers use the test estimator on both splits
+        module.final_evaluation = True
         t0 = time.perf_counter()
         if cfg.evaluation.val:
             trainer.validate(module, datamodule=dm, ckpt_path=eval_ckpt, verbose=False)
@@ -213,13 +214,19 @@ def summary(results: dict[str, Any], path: Path) -> str:
         return f"{v:10.3f}" if isinstance(v, float) and math.isfinite(v) else f"{'-':>10}"
 
     k = cfg["importance_samples"]["test"]
+    est = cfg["evaluation"]["estimator"]
+    name = f"NLL (IWAE-{k})" if est == "iwae" else f"NLL ({est}, IWAE-{k})"
     lines = [
         "",
         f"amortlab | {' '.join(results['tags'])} | data:{d['name']} ({d['train_size']}/{d['val_size']}/"
         f"{d['test_size']}, {d['binarization']})",
-        f"{'split':<6}{'NLL (IWAE-' + str(k) + ')':>18}{'-ELBO':>10}{'inf. gap':>10}",
-        f"{'val':<6}{f('val/nll'):>18}{f('val/neg_elbo')}{f('val/inference_gap')}",
-        f"{'test':<6}{f('test/nll'):>18}{f('test/neg_elbo')}{f('test/inference_gap')}",
+        f"{'split':<6}{name + ' [n]':>26}{'-ELBO':>10}{'inf. gap':>10}" + (f"{'NLL (IWAE)':>12}" if est != "iwae" else ""),
+    ]
+    for split in ("val", "test"):
+        n = m.get(f"{split}/n_points")
+        row = f"{split:<6}{f(split + '/nll') + (f' [{n}]' if n is not None else ''):>26}{f(split + '/neg_elbo')}{f(split + '/inference_gap')}"
+        lines.append(row + (f"  {f(split + '/nll_iwae')}" if est != "iwae" else ""))
+    lines += [
         f"time: fit {t.get('fit_s', 0):.1f}s ({t.get('train_images_per_s') or 0:.0f} img/s), "
         f"eval val {t.get('val_s', 0):.1f}s + test {t.get('test_s', 0):.1f}s",
         f"results: {path}",

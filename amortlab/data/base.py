@@ -59,7 +59,7 @@ class TensorDataModule(L.LightningDataModule):
     def __init__(self, data_dir: str | None = None, batch_size: int = 100, eval_batch_size: int = 100,
                  binarization: str | None = None, threshold: float = 0.5, binarization_seed: int = 0,
                  seed: int = 0, download: bool = False, verify_checksum: bool = True,
-                 max_epochs: int | None = None):
+                 max_epochs: int | None = None, train_subset: int | None = None):
         super().__init__()
         self.data_dir = data_dir or default_data_dir()
         self.batch_size = batch_size
@@ -75,6 +75,7 @@ class TensorDataModule(L.LightningDataModule):
         self.download = download
         self.verify_checksum = verify_checksum
         self.max_epochs = max_epochs  # this dataset's default trainer.max_epochs (the trainer config reads it)
+        self.train_subset = train_subset  # use only this many training images (a seeded subset; reduced budgets)
         self.splits: dict[str, Tensor] | None = None
         self._train_grey: Tensor | None = None
 
@@ -107,6 +108,12 @@ class TensorDataModule(L.LightningDataModule):
             if x.ndim != 2 or x.shape[1] != self.x_dim:
                 raise AmortlabError(f"Dataset '{self.name}': split {name} has shape {tuple(x.shape)}, expected "
                                     f"[N, {self.x_dim}]; the file is not in the expected format.")
+        if self.train_subset is not None:
+            if not 0 < self.train_subset <= len(raw["train"]):
+                raise AmortlabError(f"dataset.train_subset={self.train_subset} must be between 1 and the "
+                                    f"{len(raw['train'])} training images of '{self.name}'.")
+            keep = torch.randperm(len(raw["train"]), generator=torch.Generator().manual_seed(self.binarization_seed))
+            raw["train"] = raw["train"][keep[:self.train_subset].sort().values]
         self._train_grey = raw["train"]
         self.splits = {name: self._binarize(name, raw[name].contiguous(), i).contiguous()
                        for i, name in enumerate(("train", "val", "test"))}
@@ -121,7 +128,7 @@ class TensorDataModule(L.LightningDataModule):
         self.setup()
         return {
             "name": self.name, "image_shape": list(self.image_shape), "x_dim": self.x_dim,
-            "train_size": len(self.splits["train"]), "val_size": len(self.splits["val"]),
+            "train_size": len(self.splits["train"]), "train_subset": self.train_subset, "val_size": len(self.splits["val"]),
             "test_size": len(self.splits["test"]), "binarization": self.binarization,
             "threshold": self.threshold if self.binarization == "threshold" else None,
             "binarization_seed": self.binarization_seed if self.binarization in ("static", "dynamic") else None,

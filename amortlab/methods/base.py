@@ -23,13 +23,17 @@ from torch import Tensor, nn
 
 from amortlab.data.loader import Batch
 from amortlab.distributions import DiagGaussian
-from amortlab.errors import NonFiniteLossError
+from amortlab.errors import AmortlabError, NonFiniteLossError
 from amortlab.evaluation import chunk_size, iwae_estimate
+from amortlab.evaluation.iw_svi import SVIConfig, refine
 from amortlab.metrics import ExactMean
 from amortlab.objectives import k_sample_bound, log_weights, std_normal_log_prob
 from amortlab.regularizers import EncoderRegularizer
 
-EVAL_METRICS = ("nll", "neg_elbo", "inference_gap")
+# nll: from the configured estimator; nll_iwae: IWAE-k from the amortized q (always); neg_elbo: -ELBO of the amortized
+# q; inference_gap = neg_elbo - nll; neg_elbo_refined: -ELBO of the refined q (only when an estimator refines q)
+EVAL_METRICS = ("nll", "nll_iwae", "neg_elbo", "inference_gap", "neg_elbo_refined")
+ESTIMATORS = ("iwae", "iw_svi")
 
 
 class ELBOModule(L.LightningModule):
@@ -58,8 +62,14 @@ class ELBOModule(L.LightningModule):
         ks = {"train": 1, "val": 10, "test": 5000, **dict(importance_samples or {})}
         self.k_train, self.k_val, self.k_test = int(ks["train"]), int(ks["val"]), int(ks["test"])
         self.optim_cfg = dict(optim or {})
-        ev = {"rows": 1000, "seed": 0, **dict(evaluation or {})}
+        ev = {"rows": 1000, "seed": 0, "estimator": "iwae", **dict(evaluation or {})}
         self.eval_rows, self.eval_seed = int(ev["rows"]), int(ev["seed"])
+        if ev["estimator"] not in ESTIMATORS:
+            raise AmortlabError(f"evaluation.estimator={ev['estimator']!r} is unknown; use one of {', '.join(ESTIMATORS)} "
+                                f"(or pick the group option: evaluation=iwae / evaluation=iw_svi).")
+        self.estimator = ev["estimator"]
+        self.svi_cfg = SVIConfig(**dict(ev.get("svi") or {}))
+        self.final_evaluation = False  # set for the final val/test pass: the configured estimator runs only then
         self.regularizer = regularizer or EncoderRegularizer()
         self.log_every_n_steps = log_every_n_steps
         # annealing weights on log p(z) and log q(z|x) in the training objective (set by callbacks)
@@ -102,6 +112,10 @@ class ELBOModule(L.LightningModule):
             return log_weights(log_px_z, log_pz, log_q, self.prior_weight, self.entropy_weight)
         return log_weights(log_px_z, log_pz, log_q)
 
+    def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
+        """log p(x, z) = log p(x | z) + log N(z; 0, I) for x ``[B, X]``, z ``[k, B, Z]`` -> ``[k, B]``."""
+        return self.decoder.log_prob(x, z) + std_normal_log_prob(z)
+
     def bound(self, x: Tensor, k: int, x_enc: Tensor | None = None) -> Tensor:
         """Training objective L_k per example ``[B]``: q from ``x_enc`` (default ``x``), p(x, z) scores ``x``."""
         q = self.infer(x if x_enc is None else x_enc)
@@ -130,21 +144,36 @@ class ELBOModule(L.LightningModule):
         return g
 
     @torch.no_grad()
-    def evaluate_batch(self, batch: Batch, k: int, split: str = "test") -> dict[str, Tensor]:
-        """Per-example ``nll`` (-IWAE-k), ``neg_elbo`` and ``inference_gap`` for one batch, each ``[B]``."""
+    def evaluate_batch(self, batch: Batch, k: int, split: str = "test",
+                       estimator: str | None = None) -> dict[str, Tensor]:
+        """Per-example evaluation of one batch, each value ``[B]``.
+
+        ``nll_iwae`` = -IWAE-k from the amortized q and ``neg_elbo`` = -ELBO of that q (same samples). With the
+        ``iw_svi`` estimator q is then refined per point (decoder frozen) and ``nll`` = -IWAE-k from the refined q;
+        otherwise ``nll`` = ``nll_iwae``. ``inference_gap`` = neg_elbo - nll (against the clean amortized ELBO).
+        """
         x = batch.x
         gen = self._eval_generator(batch, split)
+        chunk = chunk_size(k, len(x), self.eval_rows)
         q = self.infer_for_eval(x)
-        log_px, elbo = iwae_estimate(lambda n: self.log_weights(x, q, n, gen), k,
-                                     chunk_size(k, len(x), self.eval_rows))
-        return {"nll": -log_px, "neg_elbo": -elbo, "inference_gap": log_px - elbo}
+        log_px, elbo = iwae_estimate(lambda n: self.log_weights(x, q, n, gen), k, chunk)
+        out = {"nll_iwae": -log_px, "neg_elbo": -elbo}
+        if (estimator or self.estimator) == "iw_svi":
+            q_ref = refine(self, x, q, self.svi_cfg, gen)
+            log_px, elbo_ref = iwae_estimate(lambda n: self.log_weights(x, q_ref, n, gen), k, chunk)
+            out["neg_elbo_refined"] = -elbo_ref
+        out["nll"] = -log_px
+        out["inference_gap"] = out["neg_elbo"] - out["nll"]
+        return out
 
     def infer_for_eval(self, x: Tensor) -> DiagGaussian:
         """q used at evaluation time; methods that refine q at test time override this."""
         return self.infer(x)
 
     def _eval_step(self, batch: Batch, split: str, k: int) -> None:
-        for name, values in self.evaluate_batch(batch, k, split).items():
+        # per-epoch validation during training always uses the cheap IWAE estimate
+        estimator = self.estimator if self.final_evaluation else "iwae"
+        for name, values in self.evaluate_batch(batch, k, split, estimator).items():
             self.metrics[f"{split}_{name}"].update(values)
 
     def _eval_epoch_end(self, split: str) -> None:
@@ -153,7 +182,10 @@ class ELBOModule(L.LightningModule):
         out = {}
         for name in EVAL_METRICS:
             metric = self.metrics[f"{split}_{name}"]
-            out[f"{split}/{name}"] = float(metric.compute())
+            if metric.update_count:
+                out[f"{split}/{name}"] = float(metric.compute())
+                if name == "nll":
+                    out[f"{split}/n_points"] = int(metric.count)  # all ranks; < split size with limit_*_batches
             metric.reset()
         self.eval_results[split] = out
         if not self.trainer.sanity_checking:

@@ -1,0 +1,52 @@
+"""Adversarial amortized inference (beyond the AIR paper, its stated future work).
+
+The encoder reads an FGSM-style perturbation of x in the direction that most lowers the bound,
+
+    x_adv = x - epsilon * sign(grad_{x_enc} L_k(x; q = f(x_enc)) |_{x_enc = x})        (norm = "linf")
+    x_adv = x - epsilon * g / ||g||_2                                                 (norm = "l2")
+
+while p(x, z) scores the clean x; the loss mixes it with the clean bound like denoising:
+alpha * L_k(x; f(x_adv)) + (1 - alpha) * L_k(x; f(x)). epsilon = 0 or alpha = 0 is the plain loss.
+Costs one extra forward/backward per step (the gradient with respect to the encoder input).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from amortlab.errors import AmortlabError
+from amortlab.regularizers.base import EncoderRegularizer
+
+
+class Adversarial(EncoderRegularizer):
+    name = "adversarial"
+
+    def __init__(self, epsilon: float = 0.05, norm: str = "linf", alpha: float = 1.0):
+        if epsilon < 0 or not 0.0 <= alpha <= 1.0 or norm not in ("linf", "l2"):
+            raise AmortlabError(f"encoder_regularizer=adversarial needs epsilon >= 0, 0 <= alpha <= 1 and norm in "
+                                f"(linf, l2), got epsilon={epsilon}, alpha={alpha}, norm={norm!r}.")
+        self.epsilon, self.norm, self.alpha = float(epsilon), norm, float(alpha)
+
+    @property
+    def strength(self) -> float:
+        return self.epsilon
+
+    def perturb(self, module, x: Tensor, k: int) -> Tensor:
+        x_enc = x.detach().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(module.bound(x, k, x_enc=x_enc).sum(), x_enc)
+        if self.norm == "linf":
+            step = grad.sign()
+        else:
+            step = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (grad.dim() - 1))
+        return (x - self.epsilon * step).detach()
+
+    def training_loss(self, module, x: Tensor, k: int) -> Tensor:
+        if self.epsilon == 0.0 or self.alpha == 0.0:
+            return super().training_loss(module, x, k)
+        adv = -module.bound(x, k, x_enc=self.perturb(module, x, k)).mean()
+        if self.alpha == 1.0:
+            return adv
+        return self.alpha * adv + (1.0 - self.alpha) * super().training_loss(module, x, k)
+
+    def tags(self) -> list[str]:
+        return [*super().tags(), f"epsilon:{self.epsilon:g}", f"norm:{self.norm}"]

@@ -1,0 +1,113 @@
+"""Weight-normalized inference (WNI; Shu et al. 2018, AIR) and spectral normalisation of the encoder.
+
+WNI: every encoder weight row is reparameterised as
+
+    w_i = v_i / ||v_i|| * s_i,    s_i = min(||v_i||, H / (1 + exp(u_i))),
+
+with v_i, u_i trainable, so ||w_i|| <= H: a Lipschitz-type cap on the encoder. Smaller H = stronger regularizer.
+The decoder is untouched.
+
+Spectral norm (beyond the paper): every encoder weight matrix W is used as W / max(1, sigma(W) / coeff), sigma(W)
+estimated by power iteration (one step per training forward, persistent vectors), so each layer's spectral norm is
+<= coeff (up to the power-iteration estimate) and layers already below the bound are unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from amortlab.errors import AmortlabError
+from amortlab.regularizers.base import EncoderRegularizer
+
+
+class CappedRowNorm(nn.Module):
+    """Parametrization v -> w with ``||w_i|| = min(||v_i||, H / (1 + exp(u_i)))`` per output row i."""
+
+    def __init__(self, rows: int, H: float):
+        super().__init__()
+        self.H = H
+        self.u = nn.Parameter(torch.zeros(rows))  # start with the cap at H / 2
+
+    def forward(self, v: Tensor) -> Tensor:
+        norm = v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        cap = self.H * torch.sigmoid(-self.u).unsqueeze(1)  # H / (1 + e^u)
+        return v / norm * torch.minimum(norm, cap)
+
+
+class SpectralCap(nn.Module):
+    """Parametrization W -> W / max(1, sigma(W) / coeff) with a power-iteration estimate of sigma(W)."""
+
+    def __init__(self, weight: Tensor, coeff: float, n_power_iterations: int = 1):
+        super().__init__()
+        self.coeff, self.n = coeff, n_power_iterations
+        out_f, in_f = weight.shape
+        self.register_buffer("u", F.normalize(torch.randn(out_f), dim=0))
+        self.register_buffer("v", F.normalize(torch.randn(in_f), dim=0))
+        with torch.no_grad():
+            self._power(weight, 15)
+
+    @torch.no_grad()
+    def _power(self, W: Tensor, n: int) -> None:
+        for _ in range(n):
+            self.v.copy_(F.normalize(W.t() @ self.u, dim=0))
+            self.u.copy_(F.normalize(W @ self.v, dim=0))
+
+    def forward(self, W: Tensor) -> Tensor:
+        if self.training:
+            self._power(W.detach(), self.n)
+        sigma = torch.dot(self.u, W @ self.v)  # differentiable estimate; u, v are constants
+        return W / torch.clamp(sigma / self.coeff, min=1.0)
+
+
+def _encoder_linears(encoder: nn.Module) -> list[nn.Linear]:
+    layers = [m for m in encoder.modules() if isinstance(m, nn.Linear)]
+    if not layers:
+        raise AmortlabError("the encoder regularizer found no nn.Linear layers in the encoder to constrain; use it "
+                            "with an MLP encoder (model=burda_mlp or cremer_mlp).")
+    return layers
+
+
+class WeightNorm(EncoderRegularizer):
+    name = "weight_norm"
+
+    def __init__(self, H: float = 5.0):
+        if H <= 0:
+            raise AmortlabError(f"encoder_regularizer=weight_norm needs H > 0, got H={H}.")
+        self.H = float(H)
+
+    @property
+    def strength(self) -> float:
+        return self.H
+
+    def wrap_encoder(self, encoder: nn.Module) -> nn.Module:
+        for layer in _encoder_linears(encoder):
+            parametrize.register_parametrization(layer, "weight", CappedRowNorm(layer.out_features, self.H))
+        return encoder
+
+    def tags(self) -> list[str]:
+        return [*super().tags(), f"H:{self.H:g}"]
+
+
+class SpectralNorm(EncoderRegularizer):
+    name = "spectral_norm"
+
+    def __init__(self, coeff: float = 1.0, n_power_iterations: int = 1):
+        if coeff <= 0 or n_power_iterations < 1:
+            raise AmortlabError(f"encoder_regularizer=spectral_norm needs coeff > 0 and n_power_iterations >= 1, got "
+                                f"coeff={coeff}, n_power_iterations={n_power_iterations}.")
+        self.coeff, self.n_power_iterations = float(coeff), int(n_power_iterations)
+
+    @property
+    def strength(self) -> float:
+        return self.coeff
+
+    def wrap_encoder(self, encoder: nn.Module) -> nn.Module:
+        for layer in _encoder_linears(encoder):
+            parametrize.register_parametrization(
+                layer, "weight", SpectralCap(layer.weight.detach(), self.coeff, self.n_power_iterations))
+        return encoder
+
+    def tags(self) -> list[str]:
+        return [*super().tags(), f"coeff:{self.coeff:g}"]
