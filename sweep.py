@@ -40,6 +40,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -68,7 +69,7 @@ SWEEP_KEYS = {
     "seeds": "seeds of every setting, e.g. seeds=[0,1,2] (default: the study's)",
     "dry_run": "true: print settings, run states and commands; launch nothing, write nothing",
     "collect_only": "true: launch nothing, only write the tables and plots",
-    "retry_failed": "false: do not relaunch runs that failed or crashed (default true)",
+    "retry_failed": "true: also relaunch runs whose results.json says failed (default: only crashed ones)",
     "resume": "false: relaunch crashed runs from scratch instead of from their last.ckpt (default true)",
 }
 STUDY_KEYS = {"name", "description", "base", "seeds", "grid", "settings", "launcher", "launcher_overrides",
@@ -386,7 +387,7 @@ def compose_settings(settings: list[Setting], settings_dir: Path, run_overrides:
                     cfg = compose("config", overrides=overrides)
                 except Exception as e:  # noqa: BLE001  (Hydra raises many types; all mean "this does not compose")
                     cause = f" ({e.__cause__})" if e.__cause__ and str(e.__cause__) not in str(e) else ""
-                    msg = " ".join(f"{e}{cause}".split())
+                    msg = " ".join(f"{e}{cause}".split("Config search path")[0].split()).rstrip(".")
                     raise SweepError(
                         f"Setting '{s.id}' of study {study_name} does not compose: {msg}. Its overrides: "
                         f"{' '.join(s.override_strings()) or '(none)'}; for every run: {' '.join(job_overrides)}. "
@@ -418,11 +419,14 @@ def read_results(path: Path) -> dict[str, Any] | None:
 
 
 def run_state(d: Path) -> str:
-    """``ok`` | ``failed`` (results.json, status not ok) | ``crashed`` (dir without results.json) | ``new``."""
+    """``ok``; ``failed`` (results.json with status failed: an error such as a NaN loss, which a rerun would repeat);
+    ``crashed`` (a dir without results.json: killed, timed out, out of memory, or still running; or status
+    ``interrupted``); ``new`` (no dir)."""
     r = d / "results.json"
     if r.is_file():
         res = read_results(r)
-        return "ok" if res and res.get("status") == "ok" else "failed"
+        status = res.get("status") if res else None
+        return {"ok": "ok", "interrupted": "crashed", "running": "crashed"}.get(status, "failed")
     return "crashed" if d.is_dir() else "new"
 
 
@@ -576,6 +580,8 @@ def collect(out_dir: str | Path, metrics: list[str] | None = None,
     runs_dir = out_dir / "runs"
     manifest = read_results(out_dir / "study.json") or {}
     series_of = {s["id"]: s.get("series") for s in manifest.get("settings", [])}
+    param_of = {s["id"]: ",".join(v.rsplit(".", 1)[-1] for v in s.get("varied") or [])
+                for s in manifest.get("settings", [])}
     dirs: dict[str, list[Path]] = {}
     if runs_dir.is_dir():
         for sdir in sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -625,7 +631,8 @@ def collect(out_dir: str | Path, metrics: list[str] | None = None,
                                  str(run_dir(out_dir, sid, seed))))
         axes = {**(fallback_axes or {a: None for a in AXES}), **(axes or {})}
         row: dict[str, Any] = {"setting": sid, "series": series_of.get(sid) or axes.get("regularizer") or sid,
-                               **{a: axes.get(a) for a in AXES}, "n_seeds": len(ok_seeds),
+                               **{a: axes.get(a) for a in AXES}, "strength_param": param_of.get(sid) or None,
+                               "n_seeds": len(ok_seeds),
                                "n_failed": len(failures), "seeds": ok_seeds, "failures": failures,
                                "_values": values}
         rows.append(row)
@@ -645,7 +652,8 @@ def collect(out_dir: str | Path, metrics: list[str] | None = None,
 
 def _row_order(row: dict[str, Any]):
     k, s = row.get("k"), row.get("strength")
-    return (k is None, k if isinstance(k, (int, float)) else 0, str(row.get("regularizer")),
+    reg = row.get("regularizer")
+    return (k is None, k if isinstance(k, (int, float)) else 0, reg not in ("none", None), str(reg),
             s is not None, s if _finite(s) else 0, row["setting"])
 
 
@@ -702,6 +710,26 @@ def best_rows(rows: list[dict[str, Any]], select_by: str) -> list[dict[str, Any]
     return sorted(best.values(), key=_row_order)
 
 
+def pivot_table(rows: list[dict[str, Any]], metric: str) -> str:
+    """The paper's layout: a row per series, a column per k, cells ``mean ± std`` of ``metric`` (and the strength)."""
+    ks = sorted({r.get("k") for r in rows}, key=lambda k: (k is None, k if isinstance(k, (int, float)) else 0))
+    series = list(dict.fromkeys(r["series"] for r in sorted(rows, key=lambda r: r.get("regularizer") != "none")))
+    lines = [f"| {metric} | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for s in series:
+        cells = []
+        for k in ks:
+            r = next((r for r in rows if r["series"] == s and r.get("k") == k), None)
+            if r is None:
+                cells.append("")
+                continue
+            cell = _pm(r.get(f"{metric}_mean"), r.get(f"{metric}_std"))
+            if r.get("strength") is not None:
+                cell += f" ({r.get('strength_param') or 'strength'} {_fmt(r['strength'])})"
+            cells.append(cell)
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_failures(rows: list[dict[str, Any]], path: Path) -> int:
     lines = ["# Failed runs", "", "| setting | seed | what | run dir |", "|---|---|---|---|"]
     n = 0
@@ -735,8 +763,10 @@ def plot_vs_strength(rows: list[dict[str, Any]], metric: str, path: Path, ylabel
                                                                                   str(r["series"])))))
     colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(series)}
     strengths = [r["strength"] for r in pts if _finite(r.get("strength"))]
-    log_x = bool(strengths) and min(strengths) > 0 and max(strengths) / min(strengths) > 4
-    fig, axs = plt.subplots(1, len(ks), figsize=(4.6 * len(ks) + 0.4, 3.8), squeeze=False)
+    log_x = bool(strengths) and min(strengths) > 0
+    fig, axs = plt.subplots(1, len(ks), figsize=(4.6 * len(ks) + 0.4, 3.8), squeeze=False, sharex=True)
+    label = {r["series"]: f"{r['series']} ({r['strength_param']})" if r.get("strength_param") else r["series"]
+             for r in pts}
     for ax, k in zip(axs[0], ks):
         panel = [r for r in pts if r.get("k") == k]
         for s in series:
@@ -746,11 +776,11 @@ def plot_vs_strength(rows: list[dict[str, Any]], metric: str, path: Path, ylabel
             if line:
                 ax.errorbar([r["strength"] for r in line], [r[f"{metric}_mean"] for r in line],
                             yerr=[r[f"{metric}_std"] or 0.0 for r in line], marker="o", ms=4, capsize=3,
-                            color=colors[s], label=s)
+                            color=colors[s], label=label[s])
             for r in flat:
                 m, sd = r[f"{metric}_mean"], r[f"{metric}_std"] or 0.0
                 dashed = r.get("regularizer") in ("none", None)
-                ax.axhline(m, ls="--" if dashed else ":", color=colors[s], label=s, lw=1.3)
+                ax.axhline(m, ls="--" if dashed else ":", color=colors[s], label=label[s], lw=1.3)
                 if sd:
                     ax.axhspan(m - sd, m + sd, color=colors[s], alpha=0.12, lw=0)
         if log_x:
@@ -789,6 +819,9 @@ def write_report(out_dir: str | Path, rows: list[dict[str, Any]], metrics: list[
     if select_by:
         picked = best_rows(rows, select_by)
         best = markdown_table(picked, shown, f"best {select_by} per series and k" if picked else None)
+        if picked and shown:
+            best = (f"## {shown[0]} of the setting with the best {select_by}, per series and k\n\n"
+                    + pivot_table(picked, shown[0]) + "\n" + best)
         (out_dir / "best.md").write_text(best if picked else f"no run has {select_by} yet\n")
         written["best.md"] = out_dir / "best.md"
     written["table.md"].write_text(text)
@@ -890,11 +923,11 @@ def _main(argv: list[str]) -> int:
 
         states = {(s.id, seed): run_state(run_dir(out_dir, s.id, seed)) for s in settings for seed in seeds}
         counts = {st: sum(1 for v in states.values() if v == st) for st in ("ok", "failed", "crashed", "new")}
-        retry = opts.get("retry_failed", True)
-        todo = [p for p, st in states.items() if st == "new" or (retry and st in ("failed", "crashed"))]
-        print(f"runs: {counts['ok']} finished (skipped), {counts['failed']} failed, {counts['crashed']} without "
-              f"results.json, {counts['new']} new -> launching {len(todo)}"
-              + ("" if retry or not (counts['failed'] + counts['crashed']) else " (retry_failed=false)"), flush=True)
+        retry = opts.get("retry_failed", False)
+        todo = [p for p, st in states.items() if st in ("new", "crashed") or (retry and st == "failed")]
+        print(f"runs: {counts['ok']} finished (skipped), {counts['failed']} failed ("
+              f"{'relaunched' if retry else 'skipped; retry_failed=true relaunches them'}), {counts['crashed']} "
+              f"crashed or incomplete (relaunched), {counts['new']} new -> launching {len(todo)}", flush=True)
         _warn_stale(out_dir, settings, seeds, states, cmd_overrides)
 
         if dry:
@@ -930,10 +963,9 @@ def _launch_all(todo: list[tuple[str, int]], out_dir: Path, cmd_overrides: list[
             cmd = launch_command(launch, out_dir, cmd_overrides, hydra_launcher, launcher_overrides, name)
             print(f"\n$ {shlex.join(cmd)}", flush=True)
             t0 = time.time()
-            try:
-                rc = subprocess.call(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            except KeyboardInterrupt:
-                print("\nsweep.py: interrupted; collecting the runs that finished.", file=sys.stderr)
+            rc = _call(cmd)
+            if rc is None or rc in (-signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGINT, 128 + signal.SIGTERM):
+                print("\nsweep.py: interrupted; collecting the runs that finished.", file=sys.stderr, flush=True)
                 return True
             started = {p for p in launch.pairs() if _started_since(run_dir(out_dir, *p), t0)}
             attempted |= started
@@ -950,6 +982,32 @@ def _launch_all(todo: list[tuple[str, int]], out_dir: Path, cmd_overrides: list[
         if remaining:
             print(f"sweep.py: the multirun stopped before {len(remaining)} of its runs; launching them.", flush=True)
     return False
+
+
+class _Stop(Exception):
+    pass
+
+
+def _call(cmd: list[str]) -> int | None:
+    """Run the multirun; Ctrl-C or SIGTERM to sweep.py stop it too (None then)."""
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def stop(signum, frame):
+        raise _Stop()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return proc.wait()
+    except (KeyboardInterrupt, _Stop):
+        proc.terminate()  # Ctrl-C already reached the child through the terminal; SIGTERM did not
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        return None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _warn_stale(out_dir: Path, settings: list[Setting], seeds: list[int], states: dict, cmd_overrides: list[str]):

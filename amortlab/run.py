@@ -103,6 +103,10 @@ def build_logger(cfg: DictConfig, module, out_dir: Path, data_name: str):
     return _instantiate(cfg.logger, "logger", **kwargs)
 
 
+def _checkpoints(best_cb, last_cb) -> dict[str, str | None]:
+    return {"last": last_cb.best_model_path or None, "best": (best_cb.best_model_path or None) if best_cb else None}
+
+
 def quiet_lightning() -> None:
     """Lightning logs through its own handler; stop Hydra's root handler printing each line a second time and
     drop advice that does not apply to in-memory tensor loaders."""
@@ -136,10 +140,13 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
 
     throughput = Throughput()
     validates = cfg.trainer.get("limit_val_batches") not in (0, 0.0)
-    # best = lowest val/nll; without validation only last.ckpt is kept (and evaluated)
-    ckpt_cb = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="best", monitor="val/nll" if validates else None,
-                              mode="min", save_last=True, save_top_k=1 if validates else 0, enable_version_counter=True)
-    callbacks = [ckpt_cb, throughput, ImagePanels(str(out_dir / "images"), seed=cfg.seed)]
+    # best.ckpt: lowest val/nll. last.ckpt: every epoch (Lightning >= 2.5 refreshes a monitored callback's
+    # save_last only when the monitored value improves, which is no use for resuming), written after validation.
+    best_cb = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="best", monitor="val/nll", mode="min",
+                              save_top_k=1, enable_version_counter=False) if validates else None
+    last_cb = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
+                              every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
+    callbacks = [c for c in (best_cb, last_cb) if c] + [throughput, ImagePanels(str(out_dir / "images"), seed=cfg.seed)]
     if cfg.annealing:
         callbacks.append(_instantiate(cfg.annealing, "annealing"))
     callbacks += [_instantiate(c, f"callbacks.{name}") for name, c in (cfg.callbacks or {}).items() if c]
@@ -160,8 +167,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         try:
             trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
         except NonFiniteLossError as e:
-            results.update(status="failed", error=str(e),
-                           checkpoints={"last": ckpt_cb.last_model_path or None, "best": ckpt_cb.best_model_path or None})
+            results.update(status="failed", error=str(e), checkpoints=_checkpoints(best_cb, last_cb))
             if trainer.is_global_zero:
                 write_results(out_dir / "results.json", results)
             raise
@@ -171,11 +177,12 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         timing["steps"] = trainer.global_step
         if trainer.interrupted:
             results["status"] = "interrupted"
-        eval_ckpt = ckpt_cb.best_model_path if (cfg.evaluation.ckpt == "best" and ckpt_cb.best_model_path) else None
-        if eval_ckpt is None and ckpt_cb.last_model_path and cfg.evaluation.ckpt not in ("best", "last"):
-            raise AmortlabError(f"evaluation.ckpt={cfg.evaluation.ckpt!r}: use 'best' or 'last'.")
-    results["checkpoints"] = {"evaluated": eval_ckpt or "final weights", "last": ckpt_cb.last_model_path or None,
-                              "best": ckpt_cb.best_model_path or None}
+        if cfg.evaluation.ckpt not in ("best", "last"):
+            raise AmortlabError(f"evaluation.ckpt={cfg.evaluation.ckpt!r} is unknown: use 'best' (lowest val/nll) "
+                                f"or 'last'.")
+        best = best_cb.best_model_path if best_cb else ""
+        eval_ckpt = best if (cfg.evaluation.ckpt == "best" and best) else None  # None: the final weights
+    results["checkpoints"] = {"evaluated": eval_ckpt or "final weights", **_checkpoints(best_cb, last_cb)}
 
     if cfg.test:
         module.k_val = module.k_test  # the final numbers use the test estimator on both splits

@@ -1,0 +1,287 @@
+"""sweep.py: study expansion, collection into tables/plots, and a tiny study run end to end through Hydra multirun
+(one run failing with a NaN loss, one run killing its process)."""
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import sweep
+from tests.conftest import ROOT
+
+TINY_BASE = "[logger=none, trainer.max_epochs=1, importance_samples.test=20, evaluation.val=false]"
+
+
+def write_study(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def run_sweep(*args: str, check_rc: int | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, str(ROOT / "sweep.py"), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    if check_rc is not None and proc.returncode != check_rc:
+        raise AssertionError(f"sweep.py exited {proc.returncode}, expected {check_rc}:\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-4000:]}")
+    return proc
+
+
+def read_csv(path: Path) -> dict[str, dict[str, str]]:
+    with open(path, newline="") as f:
+        return {r["setting"]: r for r in csv.DictReader(f)}
+
+
+def fake_run(out: Path, setting: str, seed: int, *, status="ok", metrics=None, axes=None, error=None) -> Path:
+    d = out / "runs" / setting / f"seed{seed}"
+    d.mkdir(parents=True)
+    if status is not None:
+        res = {"status": status, "metrics": metrics or {}, "axes": axes or {}}
+        if error:
+            res["error"] = error
+        (d / "results.json").write_text(json.dumps(res))
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# units: no training
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_collect_groups_seeds_and_counts_failures(tmp_path):
+    den = lambda s: {"method": "amortized", "regularizer": "denoising", "strength": s, "k": 8}  # noqa: E731
+    none = {"method": "amortized", "regularizer": "none", "strength": None, "k": 8}
+    for seed, nll in zip((0, 1, 2), (90.0, 91.0, 95.0)):
+        fake_run(tmp_path, "none_k8", seed, metrics={"test/nll": nll, "test/inference_gap": nll / 10}, axes=none)
+    fake_run(tmp_path, "denoising_sigma0.2_k8", 0, metrics={"test/nll": 88.5, "test/inference_gap": 5.0},
+             axes=den(0.2))
+    fake_run(tmp_path, "denoising_sigma0.2_k8", 1, status="failed", error="loss became nan", axes=den(0.2))
+    fake_run(tmp_path, "denoising_sigma0.2_k8", 2, status=None)  # crashed: a run dir without results.json
+    fake_run(tmp_path, "denoising_sigma0.1_k8", 0, metrics={"test/nll": 89.0, "test/inference_gap": 5.5},
+             axes=den(0.1))
+    fake_run(tmp_path, "denoising_sigma0.1_k8", 1, metrics={"test/nll": 89.5, "test/inference_gap": 6.0},
+             axes=den(0.1))
+    fake_run(tmp_path, "denoising_sigma0.1_k1", 0, metrics={"test/nll": 92.0, "test/inference_gap": 7.0},
+             axes={**den(0.1), "k": 1})
+
+    rows = sweep.collect(tmp_path)
+    by = {r["setting"]: r for r in rows}
+    assert [r["setting"] for r in rows] == ["denoising_sigma0.1_k1", "none_k8", "denoising_sigma0.1_k8",
+                                            "denoising_sigma0.2_k8"]  # by k, unregularized first, strength
+    r = by["none_k8"]
+    assert (r["n_seeds"], r["n_failed"], r["seeds"]) == (3, 0, [0, 1, 2])
+    assert r["test/nll_mean"] == pytest.approx(statistics.fmean([90, 91, 95]))
+    assert r["test/nll_std"] == pytest.approx(statistics.stdev([90, 91, 95]))  # n - 1
+    assert r["test/nll_std"] == pytest.approx(7 ** 0.5)  # (4 + 1 + 9) / 2
+    r = by["denoising_sigma0.2_k8"]
+    assert (r["n_seeds"], r["n_failed"]) == (1, 2)
+    assert r["test/nll_mean"] == 88.5 and r["test/nll_std"] is None  # one value: no std
+    assert (r["regularizer"], r["strength"], r["k"]) == ("denoising", 0.2, 8)
+    msgs = {seed: msg for seed, msg, _ in r["failures"]}
+    assert "loss became nan" in msgs[1] and "no results.json" in msgs[2]
+
+    # expected pairs: only those settings/seeds are read; a pair that never started counts as failed
+    rows = sweep.collect(tmp_path, expected={"none_k8": [0, 1], "new_k8": [0]})
+    by = {r["setting"]: r for r in rows}
+    assert set(by) == {"none_k8", "new_k8"}
+    assert by["none_k8"]["n_seeds"] == 2 and by["none_k8"]["test/nll_mean"] == pytest.approx(90.5)
+    assert (by["new_k8"]["n_seeds"], by["new_k8"]["n_failed"]) == (0, 1)
+
+    rows = sweep.collect(tmp_path)
+    written = sweep.write_report(tmp_path, rows, ["test/nll", "test/inference_gap"], select_by="test/nll")
+    assert {"table.csv", "table.md", "failures.md", "best.md", "nll_vs_strength.png", "gap_vs_strength.png"} <= set(
+        written)
+    table = read_csv(tmp_path / "table.csv")
+    assert table["none_k8"]["n_seeds"] == "3" and table["denoising_sigma0.2_k8"]["n_failed"] == "2"
+    assert float(table["none_k8"]["test/nll_std"]) == pytest.approx(statistics.stdev([90, 91, 95]))
+    assert table["denoising_sigma0.2_k8"]["test/nll_std"] == ""
+    assert table["denoising_sigma0.1_k8"]["strength"] == "0.1" and table["none_k8"]["strength"] == ""
+    md = (tmp_path / "table.md").read_text()
+    assert f"| none_k8 | amortized | none | – | 8 | 3 | 0 | 92.00 ± {statistics.stdev([90, 91, 95]):.2f} |" in md
+    assert "| 88.50 |" in md
+    assert "loss became nan" in (tmp_path / "failures.md").read_text()
+    best = (tmp_path / "best.md").read_text()
+    assert "denoising_sigma0.2_k8" in best and "denoising_sigma0.1_k1" in best and "none_k8" in best
+    for png in ("nll_vs_strength.png", "gap_vs_strength.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_collect_falls_back_to_config_for_axes(tmp_path):
+    d = fake_run(tmp_path, "old_k5", 0, metrics={"test/nll": 80.0}, axes=None)
+    res = json.loads((d / "results.json").read_text())
+    del res["axes"]
+    res["config"] = {"importance_samples": {"train": 5},
+                     "encoder_regularizer": {"_target_": "amortlab.regularizers.EncoderRegularizer"}}
+    (d / "results.json").write_text(json.dumps(res))
+    crashed = fake_run(tmp_path, "old_k5", 1, status=None)
+    (crashed / ".hydra").mkdir()
+    (crashed / ".hydra" / "config.yaml").write_text("importance_samples: {train: 5}\n")
+    [row] = sweep.collect(tmp_path)
+    assert (row["k"], row["regularizer"], row["n_seeds"], row["n_failed"]) == (5, "none", 1, 1)
+
+
+def test_expand_settings_grid_and_setting_file(tmp_path):
+    study = sweep.load_study(study_file=write_study(tmp_path / "s.yaml", """
+name: s
+grid: {importance_samples: [k1, k8]}
+settings:
+  - {encoder_regularizer: none}
+  - {encoder_regularizer: denoising, encoder_regularizer.alpha: 0.5, encoder_regularizer.sigma: [0.1, 0.2]}
+  - {id: wni, encoder_regularizer: weight_norm, encoder_regularizer.H: [5.0], +callbacks.x.step: '${seed}'}
+"""))
+    settings = sweep.expand(study)
+    assert [s.id for s in settings] == [
+        "none_k1", "none_k8", "denoising_alpha0.5_sigma0.1_k1", "denoising_alpha0.5_sigma0.1_k8",
+        "denoising_alpha0.5_sigma0.2_k1", "denoising_alpha0.5_sigma0.2_k8", "wni_H5_k1", "wni_H5_k8"]
+    s = settings[5]
+    assert s.series == "denoising_alpha0.5" and s.varied == ["encoder_regularizer.sigma"]
+    assert s.overrides == {"encoder_regularizer": "denoising", "encoder_regularizer.alpha": 0.5,
+                           "encoder_regularizer.sigma": 0.2, "importance_samples": "k8"}
+    text = sweep.setting_yaml(s, "s", {"tags": ["study:s"]})
+    assert text.startswith("# @package _global_\n")
+    assert "  - override /encoder_regularizer: denoising\n  - override /importance_samples: k8\n" in text
+    assert "encoder_regularizer:\n  alpha: 0.5\n  sigma: 0.2\n" in text and "- study:s" in text
+    assert "callbacks:\n  x:\n    step: ${seed}\n" in sweep.setting_yaml(settings[-1], "s")
+
+    study["settings"].append({"encoder_regularizer": "none"})
+    with pytest.raises(sweep.SweepError, match="two settings get the id 'none_k1'"):
+        sweep.expand(study)
+
+
+def test_repository_studies_expand():
+    names = sweep.available_studies()
+    assert {"air_table1_mnist", "air_table1_mnist_reduced", "air_strength"} <= set(names)
+    for name in names:
+        study = sweep.load_study(name)
+        settings = sweep.expand(study)
+        assert len({s.id for s in settings}) == len(settings) > 0
+        assert {s.overrides.get("importance_samples") for s in settings} == {"k1", "k8", "k64"}
+
+
+def test_plan_groups_by_seed_set_and_resumes_crashed_runs(tmp_path):
+    pairs = [("a", 0), ("a", 1), ("b", 0), ("b", 1), ("c", 1), ("d", 0)]
+    ckpt = tmp_path / "runs" / "d" / "seed0" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    (ckpt / "last.ckpt").write_bytes(b"")
+    launches = sweep.plan_launches(pairs, tmp_path)
+    assert [(l.settings, l.seeds, l.resume_from) for l in launches] == [
+        (["a", "b"], [0, 1], None), (["c"], [1], None), (["d"], [0], str(ckpt / "last.ckpt"))]
+    cmd = sweep.launch_command(launches[0], tmp_path, ["logger=none"], "basic", [], "st")
+    assert "+setting=a,b" in cmd and "seed=0,1" in cmd and "skip_if_done=true" in cmd
+    assert "hydra.sweep.subdir=${hydra:runtime.choices.setting}/seed${seed}" in cmd
+
+
+def test_bad_arguments_and_dry_run(tmp_path, capsys):
+    assert sweep.main(["study=no_such_study"]) == 2
+    err = capsys.readouterr().err
+    assert "No study 'no_such_study'" in err and "air_strength" in err and "study_file=" in err
+    assert sweep.main(["study=air_strength", "seed=3"]) == 2
+    assert "seeds=[0,1" in capsys.readouterr().err
+    assert sweep.main(["study=air_strength", "oops"]) == 2
+    assert "is not key=value" in capsys.readouterr().err
+
+    study = write_study(tmp_path / "tiny.yaml", f"""
+name: tiny
+base: {TINY_BASE}
+settings: [{{encoder_regularizer: none}}]
+""")
+    out = tmp_path / "out"
+    assert sweep.main([f"study_file={study}", f"out_dir={out}", "trainer.no_such_key=1", "dry_run=true"]) == 2
+    err = capsys.readouterr().err
+    assert "does not compose" in err and "no_such_key" in err
+    assert sweep.main([f"study_file={study}", f"out_dir={out}", "importance_samples=k5", "grid.importance_samples=[k1]",
+                       "dry_run=true"]) == 2
+    assert "varied by the study" in capsys.readouterr().err
+
+    assert sweep.main([f"study_file={study}", f"out_dir={out}", "seeds=[0,1]", "dry_run=true",
+                       "launcher=joblib"]) == 0
+    text = capsys.readouterr().out
+    assert "2 new -> launching 2" in text and "+setting=none seed=0,1" in text
+    assert "hydra/launcher=local_parallel" in text and "- study:tiny" in text
+    assert not out.exists()  # a dry run writes nothing
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# end to end: train.py runs through Hydra multirun
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_tiny_study_runs_collects_and_skips_finished_runs(tmp_path):
+    # seeds 3 and 1000: PoisonAt(step=${seed}) makes the loss NaN at step 3 for seed 3 only (an epoch has 13 steps)
+    study = write_study(tmp_path / "tiny.yaml", f"""
+name: tiny
+base: {TINY_BASE}
+seeds: [3, 1000]
+settings:
+  - {{encoder_regularizer: none}}
+  - {{id: poisoned, +callbacks.poison._target_: tests.helpers.PoisonAt, +callbacks.poison.step: '${{seed}}'}}
+metrics: [test/nll, test/neg_elbo, test/inference_gap]
+""")
+    out = tmp_path / "out"
+    proc = run_sweep(f"study_file={study}", f"out_dir={out}", check_rc=1)  # 1: a run failed; tables still written
+    assert "4 new -> launching 4" in proc.stdout
+
+    runs = {(d.parent.name, d.name): d for d in (out / "runs").glob("*/seed*")}
+    assert set(runs) == {("none", "seed3"), ("none", "seed1000"), ("poisoned", "seed3"), ("poisoned", "seed1000")}
+    results = {k: json.loads((d / "results.json").read_text()) for k, d in runs.items()}
+    assert results[("poisoned", "seed3")]["status"] == "failed"
+    assert all(r["status"] == "ok" for k, r in results.items() if k != ("poisoned", "seed3"))
+    cfg = results[("none", "seed3")]["config"]
+    assert cfg["group"] == "tiny" and "study:tiny" in cfg["tags"] and cfg["name"] == "none-s3"
+
+    table = read_csv(out / "table.csv")
+    assert set(table) == {"none", "poisoned"}
+    assert (table["none"]["n_seeds"], table["none"]["n_failed"]) == ("2", "0")
+    assert (table["poisoned"]["n_seeds"], table["poisoned"]["n_failed"]) == ("1", "1")
+    assert table["none"]["regularizer"] == "none" and table["none"]["k"] == "1" and table["none"]["method"]
+    for metric in ("test/nll", "test/neg_elbo", "test/inference_gap"):
+        vals = [results[("none", s)]["metrics"][metric] for s in ("seed3", "seed1000")]
+        assert float(table["none"][f"{metric}_mean"]) == pytest.approx(statistics.fmean(vals), rel=1e-12)
+        assert float(table["none"][f"{metric}_std"]) == pytest.approx(statistics.stdev(vals), rel=1e-12)
+        assert float(table["poisoned"][f"{metric}_mean"]) == pytest.approx(
+            results[("poisoned", "seed1000")]["metrics"][metric], rel=1e-12)
+        assert table["poisoned"][f"{metric}_std"] == ""
+    md = (out / "table.md").read_text()
+    m = results[("poisoned", "seed1000")]["metrics"]["test/nll"]
+    assert md.count("\n| ") == 3 and f"| poisoned | amortized | none | – | 1 | 1 | 1 | {m:.2f} |" in md
+    assert "nan" in (out / "failures.md").read_text().lower()
+    assert (out / "nll_vs_strength.png").is_file() and (out / "gap_vs_strength.png").is_file()
+
+    # again: the finished runs are skipped, the failed one is not retried by default -> nothing launched
+    mtimes = {k: (d / "results.json").stat().st_mtime_ns for k, d in runs.items()}
+    proc = run_sweep(f"study_file={study}", f"out_dir={out}", check_rc=1)
+    assert "3 finished (skipped), 1 failed (skipped" in proc.stdout and "launching 0" in proc.stdout
+    assert "train.py -m" not in proc.stdout
+    assert {k: (d / "results.json").stat().st_mtime_ns for k, d in runs.items()} == mtimes
+    assert read_csv(out / "table.csv") == table
+
+    # retry_failed=true relaunches only the failed run
+    proc = run_sweep(f"study_file={study}", f"out_dir={out}", "retry_failed=true", check_rc=1)
+    assert "launching 1" in proc.stdout and "+setting=poisoned seed=3 " in proc.stdout
+    now = {k: (d / "results.json").stat().st_mtime_ns for k, d in runs.items()}
+    assert now[("poisoned", "seed3")] != mtimes[("poisoned", "seed3")]
+    assert {k: v for k, v in now.items() if k != ("poisoned", "seed3")} == {
+        k: v for k, v in mtimes.items() if k != ("poisoned", "seed3")}
+
+
+def test_a_run_that_kills_its_process_does_not_stop_the_others(tmp_path):
+    # KillAt(step=${seed}) exits the process (like an OOM kill) at step 3 for seed 3: the basic launcher's multirun
+    # dies with it; sweep.py relaunches the run it never started and counts the killed one as failed
+    study = write_study(tmp_path / "crash.yaml", f"""
+name: crash
+base: {TINY_BASE}
+seeds: [3, 1000]
+settings:
+  - {{encoder_regularizer: none}}
+  - {{id: killed, +callbacks.kill._target_: tests.helpers.KillAt, +callbacks.kill.step: '${{seed}}'}}
+""")
+    out = tmp_path / "out"
+    proc = run_sweep(f"study_file={study}", f"out_dir={out}", check_rc=1)
+    assert "+setting=killed seed=1000 " in proc.stdout  # the relaunch
+    table = read_csv(out / "table.csv")
+    assert (table["none"]["n_seeds"], table["none"]["n_failed"]) == ("2", "0")
+    assert (table["killed"]["n_seeds"], table["killed"]["n_failed"]) == ("1", "1")
+    assert not (out / "runs" / "killed" / "seed3" / "results.json").exists()
+    assert "no results.json" in (out / "failures.md").read_text()
