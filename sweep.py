@@ -787,7 +787,8 @@ def plot_vs_strength(rows: list[dict[str, Any]], metric: str, path: Path, ylabel
             ax.set_xscale("log")
         ax.set_title(f"k = {k}" if k is not None else "k unknown")
         ax.set_xlabel("regularization strength")
-        ax.grid(alpha=0.3, which="both")
+        ax.grid(alpha=0.3, which="major")
+        ax.grid(alpha=0.1, which="minor")
         if not strengths:
             ax.set_xticks([])
     axs[0][0].set_ylabel(ylabel or metric)
@@ -822,7 +823,7 @@ def write_report(out_dir: str | Path, rows: list[dict[str, Any]], metrics: list[
         if picked and shown:
             best = (f"## {shown[0]} of the setting with the best {select_by}, per series and k\n\n"
                     + pivot_table(picked, shown[0]) + "\n" + best)
-        (out_dir / "best.md").write_text(best if picked else f"no run has {select_by} yet\n")
+        (out_dir / "best.md").write_text(best if picked else f"no finished run has {select_by} (for val/... metrics the runs need evaluation.val=true)\n")
         written["best.md"] = out_dir / "best.md"
     written["table.md"].write_text(text)
     if write_failures(rows, out_dir / "failures.md"):
@@ -890,7 +891,6 @@ def _main(argv: list[str]) -> int:
         raise SweepError(f"{', '.join(clash)} is varied by the study's settings or grid and also set for every run "
                          f"(base or command line), which would silently win over the settings. Remove it there, or "
                          f"change the grid from the command line with grid.KEY=[...].")
-    user_tags = [o for o in extra if override_key(o) == "tags"]
     run_overrides = _merge_overrides(study["base"], extra)
     if not any(override_key(o) == "group" for o in run_overrides):
         run_overrides.append(f"group={name}")
@@ -898,7 +898,7 @@ def _main(argv: list[str]) -> int:
                                           [o for o in run_overrides if override_key(o).startswith("hydra.launcher")])
     run_overrides = [o for o in run_overrides if not override_key(o).startswith("hydra.launcher")]
     # tags go into the setting files (composed tags + study:NAME), not on the command line where they would win
-    cmd_overrides = [o for o in run_overrides if o not in user_tags]
+    cmd_overrides = [o for o in run_overrides if override_key(o) != "tags"]
     expected = {s.id: list(seeds) for s in settings}
     metrics = study["metrics"] or None
 

@@ -208,6 +208,7 @@ settings: [{{encoder_regularizer: none}}]
 # end to end: train.py runs through Hydra multirun
 # ---------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_tiny_study_runs_collects_and_skips_finished_runs(tmp_path):
     # seeds 3 and 1000: PoisonAt(step=${seed}) makes the loss NaN at step 3 for seed 3 only (an epoch has 13 steps)
     study = write_study(tmp_path / "tiny.yaml", f"""
@@ -266,6 +267,7 @@ metrics: [test/nll, test/neg_elbo, test/inference_gap]
         k: v for k, v in mtimes.items() if k != ("poisoned", "seed3")}
 
 
+@pytest.mark.slow
 def test_a_run_that_kills_its_process_does_not_stop_the_others(tmp_path):
     # KillAt(step=${seed}) exits the process (like an OOM kill) at step 3 for seed 3: the basic launcher's multirun
     # dies with it; sweep.py relaunches the run it never started and counts the killed one as failed
