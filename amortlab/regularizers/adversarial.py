@@ -41,12 +41,9 @@ class Adversarial(EncoderRegularizer):
         return (x - self.epsilon * step).detach()
 
     def training_loss(self, module, x: Tensor, k: int) -> Tensor:
-        if self.epsilon == 0.0 or self.alpha == 0.0:
+        if self.epsilon == 0.0:
             return super().training_loss(module, x, k)
-        adv = -module.bound(x, k, x_enc=self.perturb(module, x, k)).mean()
-        if self.alpha == 1.0:
-            return adv
-        return self.alpha * adv + (1.0 - self.alpha) * super().training_loss(module, x, k)
+        return self.mixed_input_loss(module, x, k, self.alpha, lambda x: self.perturb(module, x, k))
 
     def tags(self) -> list[str]:
         return [*super().tags(), f"epsilon:{self.epsilon:g}", f"norm:{self.norm}"]

@@ -35,3 +35,16 @@ class EncoderRegularizer:
 
     def tags(self) -> list[str]:
         return [f"reg:{self.name}"]
+
+    def mixed_input_loss(self, module: "ELBOModule", x: Tensor, k: int, alpha: float, x_enc) -> Tensor:
+        """alpha * -L_k(x; q = f(x_enc(x))) + (1 - alpha) * -L_k(x; q = f(x)), batch-averaged.
+
+        For regularizers that change only what the encoder reads; p(x, z) always scores the clean x. The clean term
+        is formed only when alpha < 1, the perturbed one only when alpha > 0 (alpha = 0 is the plain loss exactly).
+        """
+        if alpha == 0.0:
+            return EncoderRegularizer.training_loss(self, module, x, k)
+        perturbed = -module.bound(x, k, x_enc=x_enc(x)).mean()
+        if alpha == 1.0:
+            return perturbed
+        return alpha * perturbed + (1.0 - alpha) * EncoderRegularizer.training_loss(self, module, x, k)

@@ -29,12 +29,9 @@ class Denoising(EncoderRegularizer):
         return self.sigma
 
     def training_loss(self, module, x: Tensor, k: int) -> Tensor:
-        if self.sigma == 0.0 or self.alpha == 0.0:
+        if self.sigma == 0.0:
             return super().training_loss(module, x, k)
-        noisy = -module.bound(x, k, x_enc=x + self.sigma * torch.randn_like(x)).mean()
-        if self.alpha == 1.0:
-            return noisy
-        return self.alpha * noisy + (1.0 - self.alpha) * super().training_loss(module, x, k)
+        return self.mixed_input_loss(module, x, k, self.alpha, lambda x: x + self.sigma * torch.randn_like(x))
 
     def tags(self) -> list[str]:
         return [*super().tags(), f"sigma:{self.sigma:g}", f"alpha:{self.alpha:g}"]
