@@ -12,6 +12,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from amortlab.evaluation.ais import AISConfig
+from amortlab.evaluation.gaps import GapsConfig
 from amortlab.evaluation.iw_svi import SVIConfig
 
 
@@ -28,7 +30,8 @@ class ImportanceSamples:
 class Evaluation:
     """How the final numbers are computed (the ``evaluation`` group: ``iwae`` [default] or ``iw_svi``).
 
-    estimator: ``iwae`` = IWAE-k from the amortized q; ``iw_svi`` = refine each point's q first (``svi``), then IWAE-k.
+    estimator: ``iwae`` = IWAE-k from the amortized q; ``iw_svi`` = refine each point's q first (``svi``), then IWAE-k;
+        ``gaps`` = the inference-gap decomposition with per-point q* (``gaps``; evaluation/gaps.py).
     svi: IW-SVI settings (steps, lr, k of the refined bound, select_k, log-variance clamp); see evaluation/iw_svi.py.
     rows: decoder rows per evaluation chunk (chunk = rows // batch samples; ~1000 is right for CPUs).
     seed: seed of the evaluation noise (per batch, independent of the world size).
@@ -38,6 +41,8 @@ class Evaluation:
 
     estimator: str = "iwae"
     svi: SVIConfig = field(default_factory=SVIConfig)
+    gaps: GapsConfig = field(default_factory=GapsConfig)
+    ais: AISConfig = field(default_factory=AISConfig)
     rows: int = 1000
     seed: int = 0
     ckpt: str = "best"

@@ -84,7 +84,17 @@ def build_module(cfg: DictConfig):
                           importance_samples=OmegaConf.to_container(cfg.importance_samples),
                           optim=optim, evaluation=OmegaConf.to_container(cfg.evaluation))
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    check_compatible(cfg)
     return module
+
+
+def check_compatible(cfg: DictConfig) -> None:
+    """Refuse combinations that cannot work, before anything is trained."""
+    encoder = str(OmegaConf.select(cfg, "model.encoder._target_", default="") or "")
+    if cfg.evaluation.estimator == "iw_svi" and encoder.endswith("FlowEncoder"):
+        raise AmortlabError("evaluation=iw_svi refines a Gaussian q per point, but posterior=flow gives a flow q. "
+                            "Use evaluation=gaps (per-point q* of both the Gaussian and the flow family) or "
+                            "evaluation=iwae with posterior=flow, or posterior=gaussian with evaluation=iw_svi.")
 
 
 def run_name(cfg: DictConfig, module) -> str:
@@ -199,6 +209,12 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         timing["test_images_per_s"] = round(dm.info()["test_size"] / max(timing["test_s"], 1e-9), 2)
     if results["status"] == "running":
         results["status"] = "ok"
+    if cfg.test and cfg.evaluation.estimator == "gaps" and trainer.is_global_zero:
+        from amortlab.evaluation.gaps import gap_table
+
+        n = results["metrics"].get("test/n_points")
+        (out_dir / "gaps.md").write_text(f"Inference-gap decomposition, test split ({n} points, nats)\n\n"
+                                         + gap_table({run_name(cfg, module): results["metrics"]}))
     if trainer.is_global_zero:
         path = write_results(out_dir / "results.json", results)
         if logger and hasattr(logger, "experiment") and cfg.logger.get("_target_", "").endswith("make_wandb_logger"):

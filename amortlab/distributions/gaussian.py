@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -15,6 +16,7 @@ class DiagGaussian:
 
     mu: Tensor
     logvar: Tensor
+    family: ClassVar[str] = "gaussian"
 
     def sample_noise(self, k: int, generator: torch.Generator | None = None) -> Tensor:
         """eps ~ N(0, I) of shape ``[k, B, D]``."""

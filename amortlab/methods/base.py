@@ -25,15 +25,35 @@ from amortlab.data.loader import Batch
 from amortlab.distributions import DiagGaussian
 from amortlab.errors import AmortlabError, NonFiniteLossError
 from amortlab.evaluation import chunk_size, iwae_estimate
+from amortlab.evaluation.ais import AISConfig, ais_log_likelihood
+from amortlab.evaluation.gaps import GapsConfig, decompose
 from amortlab.evaluation.iw_svi import SVIConfig, refine
+from amortlab.evaluation.qstar import QStarConfig
 from amortlab.metrics import ExactMean
 from amortlab.objectives import k_sample_bound, log_weights, std_normal_log_prob
 from amortlab.regularizers import EncoderRegularizer
 
 # nll: from the configured estimator; nll_iwae: IWAE-k from the amortized q (always); neg_elbo: -ELBO of the amortized
 # q; inference_gap = neg_elbo - nll; neg_elbo_refined: -ELBO of the refined q (only when an estimator refines q)
-EVAL_METRICS = ("nll", "nll_iwae", "neg_elbo", "inference_gap", "neg_elbo_refined")
-ESTIMATORS = ("iwae", "iw_svi")
+EVAL_METRICS = ("nll", "nll_iwae", "neg_elbo", "inference_gap", "neg_elbo_refined",
+                # gap decomposition (evaluation=gaps): log-likelihoods in nats and the gaps between them
+                "gap/log_px", "gap/log_px_iwae", "gap/log_px_ais", "gap/L_q", "gap/L_qstar_ffg", "gap/L_qstar_flow",
+                "gap/approximation", "gap/amortization", "gap/inference", "gap/qstar_steps_ffg",
+                "gap/qstar_steps_flow")
+ESTIMATORS = ("iwae", "iw_svi", "gaps")
+
+
+def _metric_key(split: str, name: str) -> str:
+    return f"{split}_{name}".replace("/", "__")  # ModuleDict keys cannot hold dots; keep them readable
+
+
+def _gaps_config(node: dict | None) -> GapsConfig:
+    from amortlab.evaluation.gaps import FlowFamilyConfig
+
+    node = dict(node or {})
+    return GapsConfig(families=list(node.get("families", ["ffg", "flow"])),
+                      qstar=QStarConfig(**dict(node.get("qstar") or {})),
+                      flow=FlowFamilyConfig(**dict(node.get("flow") or {})), ais=bool(node.get("ais", False)))
 
 
 class ELBOModule(L.LightningModule):
@@ -69,13 +89,15 @@ class ELBOModule(L.LightningModule):
                                 f"(or pick the group option: evaluation=iwae / evaluation=iw_svi).")
         self.estimator = ev["estimator"]
         self.svi_cfg = SVIConfig(**dict(ev.get("svi") or {}))
+        self.gaps_cfg = _gaps_config(ev.get("gaps"))
+        self.ais_cfg = AISConfig(**dict(ev.get("ais") or {}))
         self.final_evaluation = False  # set for the final val/test pass: the configured estimator runs only then
         self.regularizer = regularizer or EncoderRegularizer()
         self.log_every_n_steps = log_every_n_steps
         # annealing weights on log p(z) and log q(z|x) in the training objective (set by callbacks)
         self.prior_weight = 1.0
         self.entropy_weight = 1.0
-        self.metrics = nn.ModuleDict({f"{s}_{m}": ExactMean() for s in ("val", "test") for m in EVAL_METRICS})
+        self.metrics = nn.ModuleDict({_metric_key(s, m): ExactMean() for s in ("val", "test") for m in EVAL_METRICS})
         self.eval_results: dict[str, dict[str, float]] = {}
         self.run_config: dict[str, Any] | None = None  # resolved Hydra config, stored in checkpoints
 
@@ -158,7 +180,13 @@ class ELBOModule(L.LightningModule):
         q = self.infer_for_eval(x)
         log_px, elbo = iwae_estimate(lambda n: self.log_weights(x, q, n, gen), k, chunk)
         out = {"nll_iwae": -log_px, "neg_elbo": -elbo}
-        if (estimator or self.estimator) == "iw_svi":
+        if (estimator or self.estimator) == "gaps":
+            ais = (lambda xx: ais_log_likelihood(self.decoder.log_prob, xx, self.z_dim, self.ais_cfg, gen)) \
+                if self.gaps_cfg.ais else None
+            gaps = decompose(self, x, q, k, self.eval_rows, self.gaps_cfg, gen, ais_fn=ais)
+            out.update(gaps)
+            log_px = gaps["gap/log_px"]
+        elif (estimator or self.estimator) == "iw_svi":
             q_ref = refine(self, x, q, self.svi_cfg, gen)
             log_px, elbo_ref = iwae_estimate(lambda n: self.log_weights(x, q_ref, n, gen), k, chunk)
             out["neg_elbo_refined"] = -elbo_ref
@@ -174,14 +202,14 @@ class ELBOModule(L.LightningModule):
         # per-epoch validation during training always uses the cheap IWAE estimate
         estimator = self.estimator if self.final_evaluation else "iwae"
         for name, values in self.evaluate_batch(batch, k, split, estimator).items():
-            self.metrics[f"{split}_{name}"].update(values)
+            self.metrics[_metric_key(split, name)].update(values)
 
     def _eval_epoch_end(self, split: str) -> None:
         """Exact float64 means over the whole split (summed across DDP ranks), logged and kept in
         ``self.eval_results[split]``."""
         out = {}
         for name in EVAL_METRICS:
-            metric = self.metrics[f"{split}_{name}"]
+            metric = self.metrics[_metric_key(split, name)]
             if metric.update_count:
                 out[f"{split}/{name}"] = float(metric.compute())
                 if name == "nll":
