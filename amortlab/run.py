@@ -283,3 +283,13 @@ def compose_config(overrides: list[str] | None = None, output_dir: str | Path | 
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+def build_from_overrides(overrides: list[str] | None = None):
+    """(module, datamodule) for the composed config with ``overrides``, the data set up (benchmarks, notebooks)."""
+    cfg = compose_config(overrides)
+    dm = _instantiate(cfg.dataset, "dataset")
+    dm.setup()
+    with open_dict(cfg):
+        cfg.x_dim = dm.x_dim
+    return build_module(cfg), dm

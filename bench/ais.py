@@ -22,15 +22,13 @@ import time
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import open_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from amortlab.data.loader import Batch  # noqa: E402
 from amortlab.evaluation.ais import AISConfig, run_ais  # noqa: E402
-from amortlab.run import build_module, compose_config  # noqa: E402
+from amortlab.run import build_from_overrides  # noqa: E402
 
 
 def main() -> None:
@@ -52,12 +50,8 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     ais_cfg = AISConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(AISConfig)})
 
-    cfg = compose_config(["dataset=binarized_mnist", f"data_dir={a.data_dir}", "logger=none", *a.override])
-    dm = instantiate(cfg.dataset)
-    dm.setup()
-    with open_dict(cfg):
-        cfg.x_dim = dm.x_dim
-    module = build_module(cfg)
+    module, dm = build_from_overrides(["dataset=binarized_mnist", f"data_dir={a.data_dir}", "logger=none",
+                                       *a.override])
     if a.ckpt:
         module.load_state_dict(torch.load(a.ckpt, map_location="cpu", weights_only=False)["state_dict"])
     module = module.to(a.device).eval()

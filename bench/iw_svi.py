@@ -17,14 +17,12 @@ import time
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import open_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from amortlab.evaluation.iw_svi import SVIConfig, refine  # noqa: E402
-from amortlab.run import build_module, compose_config  # noqa: E402
+from amortlab.evaluation.iw_svi import refine  # noqa: E402
+from amortlab.run import build_from_overrides  # noqa: E402
 
 
 def main() -> None:
@@ -36,13 +34,10 @@ def main() -> None:
     p.add_argument("--total", type=int, default=10_000)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    cfg = compose_config(["dataset=binarized_mnist", f"data_dir={a.data_dir}", "evaluation=iw_svi", "logger=none"])
-    dm = instantiate(cfg.dataset)
-    dm.setup()
-    with open_dict(cfg):
-        cfg.x_dim = dm.x_dim
-    module = build_module(cfg).eval()
-    svi = SVIConfig(**cfg.evaluation.svi)
+    module, dm = build_from_overrides(["dataset=binarized_mnist", f"data_dir={a.data_dir}", "evaluation=iw_svi",
+                                       "logger=none"])
+    module.eval()
+    svi = module.svi_cfg
     X = dm.splits["test"]
 
     def run(x: torch.Tensor) -> None:

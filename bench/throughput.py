@@ -26,14 +26,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
-from omegaconf import open_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from amortlab.callbacks import Throughput  # noqa: E402
-from amortlab.run import build_module, compose_config, quiet_lightning  # noqa: E402
+from amortlab.run import build_from_overrides, quiet_lightning  # noqa: E402
 
 
 def reference_module(shared: Path):
@@ -63,13 +61,8 @@ class TestTimer(L.Callback):
 
 
 def library(data_dir: Path, k: int, overrides: list[str] = ()):
-    cfg = compose_config(["dataset=binarized_mnist", f"data_dir={data_dir}", f"importance_samples.train={k}",
-                          "logger=none", *overrides])
-    dm = instantiate(cfg.dataset)
-    dm.setup()
-    with open_dict(cfg):
-        cfg.x_dim = dm.x_dim
-    return build_module(cfg), dm
+    return build_from_overrides(["dataset=binarized_mnist", f"data_dir={data_dir}", f"importance_samples.train={k}",
+                                 "logger=none", *overrides])
 
 
 def trainer(**kw) -> L.Trainer:

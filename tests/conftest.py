@@ -29,3 +29,12 @@ def mnist_dir() -> Path:
     if d is None or not (d / "binarized_mnist.npz").is_file():
         pytest.skip("real binarized MNIST not found: set AMORTLAB_DATA to the folder holding binarized_mnist.npz")
     return d
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: intra-op threads only add overhead (and ~10x contention on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -32,13 +32,7 @@ def problem(diagonal: bool):
 _cache = {}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add overhead (and oversubscribe a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def accurate_run(diagonal: bool, schedule: str):

@@ -8,7 +8,7 @@ from amortlab.evaluation.iw_svi import SVIConfig, refine
 from amortlab.methods import AmortizedVAE
 from amortlab.nets import BernoulliDecoder, GaussianEncoder
 from amortlab.regularizers import Adversarial, Denoising, EncoderRegularizer, SpectralNorm, WeightNorm
-from tests.test_estimators import analytic_elbo, data, linear_model, perturbed_model
+from tests.test_estimators import data, elbo_of, perturbed_model
 
 
 def mlp_vae(reg=None, seed=0):
@@ -121,24 +121,16 @@ def test_iw_svi_never_lowers_a_points_bound():
     q0 = m.infer(x)
     sane = SVIConfig(steps=30, lr=0.05, k=1, select_reps=200)
     wild = SVIConfig(steps=3, lr=2.0, k=1, select_reps=200)  # a step size that overshoots for many points
-    enc = _elbo(m, x, q0)
+    enc = elbo_of(m, x, q0)
     for cfg in (sane, wild):
-        ref = _elbo(m, x, refine(m, x, q0, cfg, torch.Generator().manual_seed(0)))
+        ref = elbo_of(m, x, refine(m, x, q0, cfg, torch.Generator().manual_seed(0)))
         assert (ref >= enc - 0.02).all(), (ref - enc).min()
         if cfg is sane:
             assert (ref > enc + 0.1).any()  # and it does improve points
     # without the check the wild step size makes some points worse (so the check is what protects them)
-    ref = _elbo(m, x, refine(m, x, q0, SVIConfig(steps=3, lr=2.0, k=1, select_reps=0), torch.Generator().manual_seed(0)))
+    ref = elbo_of(m, x, refine(m, x, q0, SVIConfig(steps=3, lr=2.0, k=1, select_reps=0), torch.Generator().manual_seed(0)))
     assert (ref < enc - 1.0).any()
 
-
-def _elbo(m, x, q):
-    orig = m.infer
-    m.infer = lambda _: q
-    try:
-        return analytic_elbo(m, x)
-    finally:
-        m.infer = orig
 
 
 def test_iw_svi_reaches_log_px_on_linear_gaussian():
@@ -156,7 +148,7 @@ def test_iw_svi_reaches_log_px_on_linear_gaussian():
     torch.testing.assert_close(out_svi["inference_gap"], out_svi["neg_elbo"] - out_svi["nll"])
     # refinement reaches the exact (diagonal) posterior: its ELBO is log p(x)
     q = refine(m, x, m.infer(x), SVIConfig(steps=400, lr=0.05, k=1), torch.Generator().manual_seed(1))
-    torch.testing.assert_close(_elbo(m, x, q), exact, atol=0.02, rtol=0)
+    torch.testing.assert_close(elbo_of(m, x, q), exact, atol=0.02, rtol=0)
 
 
 def test_iw_svi_leaves_decoder_untouched():

@@ -14,7 +14,6 @@ so a number does not depend on the world size or on what ran before.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
