@@ -831,7 +831,41 @@ def write_report(out_dir: str | Path, rows: list[dict[str, Any]], metrics: list[
     for metric, name, label in PLOTS:
         if metric in row_metrics(rows) and plot_vs_strength(rows, metric, out_dir / name, label):
             written[name] = out_dir / name
+    if "test/gap/inference" in row_metrics(rows):
+        written.update(write_gap_report(rows, out_dir))
     return written
+
+
+def write_gap_report(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
+    """gaps.md (Cremer et al.'s Table 1 layout, a column per setting, means over seeds) and gaps.png (stacked bars:
+    approximation + amortization = inference gap per setting, error bar = std of the inference gap)."""
+    from amortlab.evaluation.gaps import gap_table
+
+    done = [r for r in rows if _finite(r.get("test/gap/inference_mean"))]
+    columns = {r["setting"]: {k[:-5]: v for k, v in r.items() if k.endswith("_mean") and _finite(v)} for r in done}
+    (out_dir / "gaps.md").write_text("Inference-gap decomposition (test split, nats, mean over seeds)\n\n"
+                                     + gap_table(columns))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(columns)
+    approx = [columns[n].get("test/gap/approximation", float("nan")) for n in names]
+    amort = [columns[n].get("test/gap/amortization", float("nan")) for n in names]
+    err = [r.get("test/gap/inference_std") or 0.0 for r in done]
+    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2.0, 3.8))
+    xs = range(len(names))
+    ax.bar(xs, approx, label="approximation", color="tab:blue")
+    ax.bar(xs, amort, bottom=approx, yerr=err, capsize=3, label="amortization", color="tab:orange")
+    ax.set_xticks(list(xs), names, rotation=20, ha="right")
+    ax.set_ylabel("gap (nats)")
+    ax.set_title("inference gap = approximation + amortization")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    fig.savefig(out_dir / "gaps.png", dpi=120)
+    plt.close(fig)
+    return {"gaps.md": out_dir / "gaps.md", "gaps.png": out_dir / "gaps.png"}
 
 
 # ----------------------------------------------------------------------------------------------------------------

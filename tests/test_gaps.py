@@ -1,4 +1,5 @@
 """Per-datapoint q* and the gap decomposition against the linear-Gaussian closed forms."""
+import pytest
 import torch
 
 from amortlab.data.loader import Batch
@@ -65,3 +66,23 @@ def test_evaluate_batch_with_gaps_estimator():
     out = m.evaluate_batch(Batch(x, 0), k=500, estimator="gaps")
     torch.testing.assert_close(-out["nll"], out["gap/log_px"])
     assert (out["gap/inference"] >= -0.05).all()
+
+
+def test_gaps_cli_with_flow_posterior_and_ais(tmp_path):
+    """evaluation=gaps on a flow-trained run, AIS on: results.json gap keys and gaps.md."""
+    import json
+
+    from tests.test_cli import train
+
+    train("posterior=flow", "logger=none", "trainer.max_epochs=1", "evaluation=gaps", "evaluation.gaps.ais=true",
+          "evaluation.ais.n_intermediate=10", "evaluation.ais.n_chains=2", "evaluation.gaps.qstar.max_steps=20",
+          "evaluation.gaps.qstar.init=encoder", "trainer.limit_test_batches=1", "dataset.eval_batch_size=20",
+          "importance_samples.test=50", run_dir=tmp_path)
+    m = json.loads((tmp_path / "results.json").read_text())["metrics"]
+    for key in ("gap/log_px", "gap/log_px_ais", "gap/L_q", "gap/L_qstar_ffg", "gap/L_qstar_flow",
+                "gap/approximation", "gap/amortization", "gap/inference"):
+        assert f"test/{key}" in m, key
+    assert m["test/n_points"] == 20
+    assert m["test/gap/inference"] == pytest.approx(m["test/gap/approximation"] + m["test/gap/amortization"])
+    assert m["test/nll"] == pytest.approx(-m["test/gap/log_px"])
+    assert "| L[q*_Flow] |" in (tmp_path / "gaps.md").read_text()

@@ -109,6 +109,23 @@ def test_collect_groups_seeds_and_counts_failures(tmp_path):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_gap_study_report(tmp_path):
+    """Runs with evaluation=gaps get gaps.md (Cremer et al.'s layout, a column per setting) and stacked bars."""
+    axes = {"method": "amortized", "regularizer": "none", "strength": None, "k": 1}
+    for setting, amort in (("ffg", 1.5), ("no_annealing", 3.0)):
+        for seed, jitter in ((0, 0.0), (1, 0.2)):
+            m = {"test/nll": 90.0, "test/gap/log_px": -90.0, "test/gap/L_qstar_flow": -90.8,
+                 "test/gap/L_qstar_ffg": -91.2, "test/gap/L_q": -91.2 - amort - jitter,
+                 "test/gap/approximation": 1.2, "test/gap/amortization": amort + jitter,
+                 "test/gap/inference": 1.2 + amort + jitter}
+            fake_run(tmp_path, setting, seed, metrics=m, axes=axes)
+    written = sweep.write_report(tmp_path, sweep.collect(tmp_path))
+    assert {"gaps.md", "gaps.png"} <= set(written)
+    md = (tmp_path / "gaps.md").read_text()
+    assert "| | ffg | no_annealing |" in md and "| Amortization | 1.60 | 3.10 |" in md and "| L[q*_FFG] | -91.20" in md
+    assert (tmp_path / "gaps.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_collect_falls_back_to_config_for_axes(tmp_path):
     d = fake_run(tmp_path, "old_k5", 0, metrics={"test/nll": 80.0}, axes=None)
     res = json.loads((d / "results.json").read_text())
@@ -159,7 +176,8 @@ def test_repository_studies_expand():
         settings = sweep.expand(study)
         assert len({s.id for s in settings}) == len(settings) > 0
         ks = {s.overrides.get("importance_samples") for s in settings}
-        assert ks == ({"k1"} if name == "air_reduced" else {"k1", "k8", "k64"}), name
+        expected = {"air_reduced": {"k1"}, "gaps_reduced": {None}}.get(name, {"k1", "k8", "k64"})
+        assert ks == expected, name
 
 
 def test_plan_groups_by_seed_set_and_resumes_crashed_runs(tmp_path):
