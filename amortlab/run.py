@@ -90,6 +90,9 @@ def build_module(cfg: DictConfig):
 
 def check_compatible(cfg: DictConfig) -> None:
     """Refuse combinations that cannot work, before anything is trained."""
+    if cfg.evaluation.ckpt not in ("best", "last"):
+        raise AmortlabError(f"evaluation.ckpt={cfg.evaluation.ckpt!r} is unknown: use 'best' (lowest val/nll) "
+                            f"or 'last'.")
     encoder = str(OmegaConf.select(cfg, "model.encoder._target_", default="") or "")
     if cfg.evaluation.estimator == "iw_svi" and encoder.endswith("FlowEncoder"):
         raise AmortlabError("evaluation=iw_svi refines a Gaussian q per point, but posterior=flow gives a flow q. "
@@ -187,9 +190,6 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         timing["steps"] = trainer.global_step
         if trainer.interrupted:
             results["status"] = "interrupted"
-        if cfg.evaluation.ckpt not in ("best", "last"):
-            raise AmortlabError(f"evaluation.ckpt={cfg.evaluation.ckpt!r} is unknown: use 'best' (lowest val/nll) "
-                                f"or 'last'.")
         best = best_cb.best_model_path if best_cb else ""
         eval_ckpt = best if (cfg.evaluation.ckpt == "best" and best) else None  # None: the final weights
     results["checkpoints"] = {"evaluated": eval_ckpt or "final weights", **_checkpoints(best_cb, last_cb)}
@@ -206,7 +206,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         results["metrics"].update(module.eval_results["test"])
         timing["val_s"] = round(t1 - t0, 3)
         timing["test_s"] = round(time.perf_counter() - t1, 3)
-        timing["test_images_per_s"] = round(dm.info()["test_size"] / max(timing["test_s"], 1e-9), 2)
+        n_test = results["metrics"].get("test/n_points", results["data"]["test_size"])  # limit_test_batches aware
+        timing["test_images_per_s"] = round(n_test / max(timing["test_s"], 1e-9), 2)
     if results["status"] == "running":
         results["status"] = "ok"
     if cfg.test and cfg.evaluation.estimator == "gaps" and trainer.is_global_zero:
