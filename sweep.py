@@ -75,6 +75,8 @@ SWEEP_KEYS = {
 STUDY_KEYS = {"name", "description", "base", "seeds", "grid", "settings", "launcher", "launcher_overrides",
               "metrics", "select_by", "tags"}
 AXES = ("method", "regularizer", "strength", "k")
+# a method's own iteration count (results.json axes): refinement steps K, iterations T, mixture components M
+METHOD_STEPS = ("K", "T", "M")
 DEFAULT_METRIC_ORDER = ("test/nll", "test/nll_iwae", "test/neg_elbo", "test/inference_gap", "val/nll",
                         "val/nll_iwae", "val/neg_elbo", "val/inference_gap")
 SUBDIR = "${hydra:runtime.choices.setting}/seed${seed}"
@@ -632,6 +634,8 @@ def collect(out_dir: str | Path, metrics: list[str] | None = None,
         axes = {**(fallback_axes or {a: None for a in AXES}), **(axes or {})}
         row: dict[str, Any] = {"setting": sid, "series": series_of.get(sid) or axes.get("regularizer") or sid,
                                **{a: axes.get(a) for a in AXES}, "strength_param": param_of.get(sid) or None,
+                               "steps": next(((key, axes[key]) for key in METHOD_STEPS if axes.get(key) is not None),
+                                             None),
                                "n_seeds": len(ok_seeds),
                                "n_failed": len(failures), "seeds": ok_seeds, "failures": failures,
                                "_values": values}
@@ -833,6 +837,96 @@ def write_report(out_dir: str | Path, rows: list[dict[str, Any]], metrics: list[
             written[name] = out_dir / name
     if "test/gap/inference" in row_metrics(rows):
         written.update(write_gap_report(rows, out_dir))
+    written.update(write_methods_report(rows, out_dir))
+    return written
+
+
+METHOD_COLUMNS = (("test/nll", "test NLL"), ("test/neg_elbo", "-ELBO (method's q)"),
+                  ("test/neg_elbo_encoder", "-ELBO (encoder's q)"), ("test/gap/amortization", "amortization gap"),
+                  ("test/inference_gap", "inference gap"), ("test/infer_seconds", "inference ms / point"))
+
+
+def _method_label(r: dict[str, Any]) -> str:
+    steps = r.get("steps")
+    return f"{r.get('method')}" + (f" ({steps[0]}={_fmt(steps[1])})" if steps else "")
+
+
+def write_methods_report(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
+    """When a study compares inference methods: methods.md (a row per setting: NLL, -ELBO of the method's q and of
+    the encoder's q, amortization / inference gap, inference wall time per point), methods.png (a bar panel per
+    column) and, when any method has refinement steps K, bound_vs_K.png (the test -ELBO against K per method, the
+    encoder's bound as open markers; methods without K as horizontal lines)."""
+    done = [r for r in rows if r.get("n_seeds")]
+    if len({r.get("method") for r in done}) < 2:
+        return {}
+    have = row_metrics(rows)
+    cols = [(m, label) for m, label in METHOD_COLUMNS if m in have
+            and any(_finite(r.get(f"{m}_mean")) for r in done)]
+    scale = {"test/infer_seconds": 1000.0}
+
+    def cell(r, m):
+        mean, std = r.get(f"{m}_mean"), r.get(f"{m}_std")
+        f = scale.get(m, 1.0)
+        if mean is None or not _finite(mean):
+            return "–"
+        return _pm(mean * f, None if std is None else std * f) if m not in scale else f"{mean * f:.3f}"
+
+    lines = ["| setting | method | n_seeds | " + " | ".join(label for _, label in cols) + " |",
+             "|---|---|---|" + "---|" * len(cols)]
+    for r in done:
+        lines.append(f"| {r['setting']} | {_method_label(r)} | {r['n_seeds']} | "
+                     + " | ".join(cell(r, m) for m, _ in cols) + " |")
+    path = out_dir / "methods.md"
+    path.write_text("Inference methods side by side (test split; nats; time = the method's inference, encoder pass "
+                    "and any iterations or refinement, per point)\n\n" + "\n".join(lines) + "\n")
+    written = {"methods.md": path}
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["setting"] for r in done]
+    fig, axs = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.6), squeeze=False)
+    for ax, (m, label) in zip(axs[0], cols):
+        f = scale.get(m, 1.0)
+        vals = [(r.get(f"{m}_mean") or float("nan")) * f for r in done]
+        errs = [(r.get(f"{m}_std") or 0.0) * f for r in done]
+        ax.bar(range(len(names)), vals, yerr=errs, capsize=3, color="tab:blue")
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        ax.set_title(label, fontsize=9)
+        finite = [v for v in vals if _finite(v)]
+        if finite and m != "test/infer_seconds" and min(finite) > 0:  # bounds: zoom in on the differences
+            lo, hi = min(finite), max(finite)
+            ax.set_ylim(lo - 0.15 * (hi - lo + 1e-9) - 0.5, hi + 0.15 * (hi - lo + 1e-9) + 0.5)
+    fig.tight_layout()
+    fig.savefig(out_dir / "methods.png", dpi=120)
+    plt.close(fig)
+    written["methods.png"] = out_dir / "methods.png"
+
+    with_k = [r for r in done if r.get("steps") and r["steps"][0] == "K"]
+    if with_k and "test/neg_elbo" in have:
+        fig, ax = plt.subplots(figsize=(5.2, 3.8))
+        for i, method in enumerate(dict.fromkeys(r["method"] for r in with_k)):
+            pts = sorted((r for r in with_k if r["method"] == method), key=lambda r: r["steps"][1])
+            color = f"C{i}"
+            ax.plot([r["steps"][1] for r in pts], [r.get("test/neg_elbo_mean") for r in pts], "o-", color=color,
+                    label=f"{method}: after K steps")
+            enc = [r.get("test/neg_elbo_encoder_mean") for r in pts]
+            if any(_finite(v) for v in enc):
+                ax.plot([r["steps"][1] for r in pts], enc, "o", mfc="none", color=color)
+        for j, r in enumerate(r for r in done if not (r.get("steps") and r["steps"][0] == "K")):
+            if _finite(r.get("test/neg_elbo_mean")):
+                ax.axhline(r["test/neg_elbo_mean"], ls="--", color="gray", lw=1)
+                ax.annotate(r["setting"], (0, r["test/neg_elbo_mean"]), fontsize=8, color="gray",
+                            xytext=(2, 2), textcoords="offset points")
+        ax.set_xlabel("refinement steps K (train and test)")
+        ax.set_ylabel("test -ELBO (nats); open: encoder's q")
+        ax.legend(frameon=False, fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "bound_vs_K.png", dpi=120)
+        plt.close(fig)
+        written["bound_vs_K.png"] = out_dir / "bound_vs_K.png"
     return written
 
 

@@ -98,6 +98,13 @@ def check_compatible(cfg: DictConfig) -> None:
         raise AmortlabError("evaluation=iw_svi refines a Gaussian q per point, but posterior=flow gives a flow q. "
                             "Use evaluation=gaps (per-point q* of both the Gaussian and the flow family) or "
                             "evaluation=iwae with posterior=flow, or posterior=gaussian with evaluation=iw_svi.")
+    target = str(OmegaConf.select(cfg, "inference._target_", default="") or "")
+    if cfg.evaluation.estimator == "iw_svi" and target.endswith("RecursiveMixtureVAE") and int(
+            OmegaConf.select(cfg, "inference.components", default=1)) > 1:
+        raise AmortlabError("evaluation=iw_svi refines one Gaussian q per point, but inference=recursive_mixture "
+                            "with components > 1 gives a mixture q (IW-SVI would refine only its heaviest "
+                            "component). Use evaluation=iwae or evaluation=gaps with the mixture, or "
+                            "inference.components=1.")
 
 
 def run_name(cfg: DictConfig, module) -> str:

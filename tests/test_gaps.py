@@ -57,6 +57,13 @@ def test_gap_decomposition_flow_family_and_table():
     assert (out["gap/log_px"] >= out["gap/L_qstar_ffg"] - 0.05).all()
     # the flow q* starts at q*_FFG (a member of the flow family) and keeps only improvements
     assert out["gap/L_qstar_flow"].mean() >= out["gap/L_qstar_ffg"].mean() - 0.05
+    # log p^ is the candidate with the best batch mean: a deliberately weak "AIS" (= L[q]) is not chosen
+    weak = decompose(m, x, m.infer(x), k=500, rows=100_000, cfg=cfg, generator=torch.Generator().manual_seed(1),
+                     ais_fn=lambda xx: out["gap/L_q"].clone())
+    assert torch.equal(weak["gap/log_px_ais"], out["gap/L_q"])
+    best = max((weak[k] for k in ("gap/log_px_iwae", "gap/log_px_iwae_ffg", "gap/log_px_iwae_flow")),
+               key=lambda e: e.mean())
+    assert torch.equal(weak["gap/log_px"], best) and weak["gap/log_px"].mean() > weak["gap/L_qstar_flow"].mean()
     table = gap_table({"m": {f"test/{k}": v.mean().item() for k, v in out.items()}})
     assert "L[q*_Flow]" in table and "Amortization" in table
 

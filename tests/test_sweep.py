@@ -126,6 +126,31 @@ def test_gap_study_report(tmp_path):
     assert (tmp_path / "gaps.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_methods_study_report(tmp_path):
+    """A study over inference schemes gets methods.md (NLL, bounds, time per point) and the bound-vs-K plot."""
+    base = {"regularizer": "none", "strength": None, "k": 1}
+    runs = {"vae": ({"method": "amortized"}, 95.0, 101.0, None),
+            "sa_vae_k10": ({"method": "sa_vae", "K": 10}, 94.0, 99.0, 103.0),
+            "sa_vae_k20": ({"method": "sa_vae", "K": 20}, 93.5, 98.0, 103.5),
+            "iterative_t5": ({"method": "iterative", "T": 5}, 96.0, 100.0, 120.0)}
+    for sid, (axes, nll, elbo, enc) in runs.items():
+        m = {"test/nll": nll, "test/neg_elbo": elbo, "test/infer_seconds": 0.002}
+        if enc is not None:
+            m["test/neg_elbo_encoder"] = enc
+        fake_run(tmp_path, sid, 0, metrics=m, axes={**base, **axes})
+    rows = sweep.collect(tmp_path)
+    assert {r["setting"]: r["steps"] for r in rows}["sa_vae_k20"] == ("K", 20)
+    written = sweep.write_report(tmp_path, rows)
+    assert {"methods.md", "methods.png", "bound_vs_K.png"} <= set(written)
+    md = (tmp_path / "methods.md").read_text()
+    assert "| sa_vae_k20 | sa_vae (K=20) | 1 | 93.50 | 98.00 | 103.50 |" in md and "| 2.000 |" in md
+    assert "| vae | amortized | 1 | 95.00 | 101.00 | – |" in md
+    # one method only: no methods report
+    other = tmp_path / "single"
+    fake_run(other, "vae", 0, metrics={"test/nll": 90.0}, axes={**base, "method": "amortized"})
+    assert "methods.md" not in sweep.write_report(other, sweep.collect(other))
+
+
 def test_collect_falls_back_to_config_for_axes(tmp_path):
     d = fake_run(tmp_path, "old_k5", 0, metrics={"test/nll": 80.0}, axes=None)
     res = json.loads((d / "results.json").read_text())
@@ -170,13 +195,15 @@ settings:
 
 def test_repository_studies_expand():
     names = sweep.available_studies()
-    assert {"air_table1_mnist", "air_table1_mnist_reduced", "air_strength", "air_reduced"} <= set(names)
+    assert {"air_table1_mnist", "air_table1_mnist_reduced", "air_strength", "air_reduced", "gaps_reduced",
+            "sa_vae_reduced", "sa_vae_omniglot_paper", "methods_reduced"} <= set(names)
     for name in names:
         study = sweep.load_study(name)
         settings = sweep.expand(study)
         assert len({s.id for s in settings}) == len(settings) > 0
         ks = {s.overrides.get("importance_samples") for s in settings}
-        expected = {"air_reduced": {"k1"}, "gaps_reduced": {None}}.get(name, {"k1", "k8", "k64"})
+        expected = {"air_reduced": {"k1"}, "air_strength": {"k1", "k8", "k64"}, "air_table1_mnist": {"k1", "k8", "k64"},
+                    "air_table1_mnist_reduced": {"k1", "k8", "k64"}}.get(name, {None})
         assert ks == expected, name
 
 

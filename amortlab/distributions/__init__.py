@@ -1,8 +1,10 @@
 """Variational families. Each has ``rsample_with_log_prob(k, generator) -> (z [k, B, D], log q [k, B])``, ``rsample``,
 ``sample_noise`` and ``mu`` (a point estimate for reconstructions); ``DiagGaussian`` also has ``log_prob(z)`` and the
-closed-form KL. ``AuxFlowPosterior`` returns log q~ of the auxiliary-variable bound in place of log q(z).
+closed-form KL; ``MixtureGaussian`` (RecMix) has ``log_prob`` and stratified draws. ``AuxFlowPosterior`` returns
+log q~ of the auxiliary-variable bound in place of log q(z).
 ``LocalGaussian`` / ``LocalFlow``: per-datapoint parameter holders (leading ``n_points`` dim) for q* optimisation."""
 from amortlab.distributions.gaussian import DiagGaussian
 from amortlab.distributions.flow import AuxFlowPosterior, LocalFlow, LocalGaussian
+from amortlab.distributions.mixture import MixtureGaussian
 
-__all__ = ["DiagGaussian", "AuxFlowPosterior", "LocalFlow", "LocalGaussian"]
+__all__ = ["DiagGaussian", "AuxFlowPosterior", "LocalFlow", "LocalGaussian", "MixtureGaussian"]

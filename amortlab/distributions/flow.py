@@ -147,6 +147,29 @@ class CouplingFlow(nn.Module):
             logdet = logdet + F.logsigmoid(a).sum(-1) + F.logsigmoid(b).sum(-1)
         return z, v, logdet
 
+    def inverse(self, z: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(z_T, v_T) -> (z_0, v_0, log|det J| of the forward map ``[k, B]``): each step undone in reverse order,
+        z <- (z - m'_t(v)) / s(b_t(v)), then v <- (v - m_t(z)) / s(a_t(z))."""
+        logdet = z.new_zeros(z.shape[:-1])
+        for f, g in zip(reversed(self.z_to_v), reversed(self.v_to_z)):
+            b, m2 = g(v).chunk(2, dim=-1)
+            z = (z - m2) / torch.sigmoid(b)
+            a, m = f(z).chunk(2, dim=-1)
+            v = (v - m) / torch.sigmoid(a)
+            logdet = logdet + F.logsigmoid(a).sum(-1) + F.logsigmoid(b).sum(-1)
+        return z, v, logdet
+
+
+class _Inverse(nn.Module):
+    """``forward`` = ``flow.inverse`` (so ``torch.func.functional_call`` can run the inverse with other weights)."""
+
+    def __init__(self, flow: CouplingFlow):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, z: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.flow.inverse(z, v)
+
 
 class GaussianReverse(nn.Module):
     """r(v | z) = N(v; mean(z), diag exp(logvar(z))) from an MLP of z; ``log_prob(v [k,B,V], z [k,B,Z]) -> [k,B]``.
@@ -231,6 +254,28 @@ class AuxFlowPosterior:
     def rsample_with_log_prob(self, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """z_T ``[k, B, Z]`` (reparameterised) and log q~ ``[k, B]``."""
         return self.transform(self.sample_noise(k, generator))
+
+    def rsample_path_derivative(self, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """z_T ``[k, B, Z]`` and log q~ ``[k, B]`` whose gradient w.r.t. q's own parameters is the path derivative
+        only ("sticking the landing", Roeder et al. 2017): the joint density q(z_T, v_T) is evaluated with stopped
+        base and flow parameters at the live sample, by inverting the flow,
+
+            log q_stop(z_T, v_T) = log q0_stop(flow_stop^{-1}(z_T, v_T)) - log|det J_stop|,
+
+        while log r(v_T | z_T) keeps its full gradient (r sits on the model side of the auxiliary bound). Same value
+        as ``rsample_with_log_prob`` (up to rounding of the inversion); the dropped score term has zero mean, so
+        the gradient stays unbiased and vanishes where q~ matches p(z | x) r(v | z).
+        """
+        eps = self.sample_noise(k, generator)
+        ez, ev = eps.split([self.z_dim, self.v_dim], dim=-1)
+        z0 = self.mu_z + torch.exp(0.5 * self.logvar_z) * ez
+        v0 = self.mu_v + torch.exp(0.5 * self.logvar_v) * ev
+        z, v, _ = self.flow(z0, v0)
+        stopped = {f"flow.{n}": p.detach() for n, p in self.flow.named_parameters()}
+        z0s, v0s, logdet = torch.func.functional_call(_Inverse(self.flow), stopped, (z, v))
+        log_q0 = (DiagGaussian(self.mu_z.detach(), self.logvar_z.detach()).log_prob(z0s)
+                  + DiagGaussian(self.mu_v.detach(), self.logvar_v.detach()).log_prob(v0s))
+        return z, log_q0 - logdet - self.reverse.log_prob(v, z)
 
     def rsample(self, k: int = 1, generator: torch.Generator | None = None) -> Tensor:
         return self.rsample_with_log_prob(k, generator)[0]

@@ -4,10 +4,13 @@ For a family Q (fully factorised Gaussian, or the auxiliary coupling flow), q*(z
 each test point gets its own variational parameters, optimised on its ELBO. All points of a batch are optimised at
 once: the local family holds parameters with a leading ``n_points`` dimension and Adam runs on the sum over points
 (each point's gradient is its own; nothing couples the points). Each step uses ``k`` reparameterised samples
-(Cremer et al.: 50, Adam lr 1e-3); for Gaussian families the gradient is the path derivative ("sticking the
-landing", Roeder et al. 2017: log q evaluated with stopped parameters), unbiased and exactly zero at the true
-posterior, so q* settles instead of jittering at the step size. Optimisation stops when the running mean (EMA) of the batch loss has not improved
-for ``patience`` steps, or after ``max_steps``. A point keeps its optimised parameters only if they score at least
+(Cremer et al.: 50, Adam lr 1e-3); the gradient is the path derivative ("sticking the landing", Roeder et al. 2017:
+log q evaluated with stopped parameters; for the flow through its inverse), unbiased and exactly zero at the true
+posterior, so q* settles instead of jittering at the step size (measured on a trained MNIST model: with the plain
+gradient the flow q* ended 1.5 nats below its q*_FFG start at lr 1e-2; with the path derivative it gained 0.9, and
+2.3 with a cosine step-size decay, ``final_lr_ratio``). Optimisation stops when the running mean (EMA) of the batch loss has not improved
+for ``patience`` steps (counted after a warm-up of ``patience`` steps, during which the loss of a freshly initialised
+flow may rise before it falls), or after ``max_steps``. A point keeps its optimised parameters only if they score at least
 as well as its initial ones on a common-random-numbers ELBO estimate (``select_k`` samples), so q* never scores below
 its initialisation. L[q*] is then reported from ``eval_k`` (5000) samples by the caller.
 """
@@ -28,6 +31,7 @@ class QStarConfig:
     ema: float = 0.99
     init: str = "prior"  # "prior" or "encoder" (Gaussian families start at the encoder's q)
     select_k: int = 500
+    final_lr_ratio: float = 1.0  # < 1: the step size decays along a cosine to lr * final_lr_ratio at max_steps
 
 
 def optimize_local(model, x: Tensor, family: nn.Module, cfg: QStarConfig,
@@ -43,6 +47,8 @@ def optimize_local(model, x: Tensor, family: nn.Module, cfg: QStarConfig,
         params = [p for p in family.parameters() if p.requires_grad]
         start = [p.detach().clone() for p in params]
         opt = torch.optim.Adam(params, lr=cfg.lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.max_steps), eta_min=cfg.lr * cfg.final_lr_ratio) \
+            if cfg.final_lr_ratio != 1.0 else None
         best, since, ema, step = float("inf"), 0, None, 0
         for step in range(1, cfg.max_steps + 1):
             loss = -_elbo_samples(model, x, family(), cfg.k, generator).mean(0).sum()
@@ -50,9 +56,13 @@ def optimize_local(model, x: Tensor, family: nn.Module, cfg: QStarConfig,
             for p, g in zip(params, grads):
                 p.grad = g
             opt.step()
+            if sched is not None:
+                sched.step()
             value = loss.item() / len(x)
             ema = value if ema is None else cfg.ema * ema + (1 - cfg.ema) * value
-            if ema < best - 1e-4:
+            if step <= cfg.patience:  # warm-up: a fresh flow's loss can rise first; count from its level after it
+                best = ema
+            elif ema < best - 1e-4:
                 best, since = ema, 0
             else:
                 since += 1
@@ -76,7 +86,11 @@ def optimize_local(model, x: Tensor, family: nn.Module, cfg: QStarConfig,
 
 
 def _elbo_samples(model, x: Tensor, q, k: int, generator) -> Tensor:
-    """Log-weights ``[k, B]`` whose gradient is the path derivative for Gaussian q (plain otherwise)."""
+    """Log-weights ``[k, B]`` whose gradient w.r.t. q's parameters is the path derivative (Gaussian q, and the
+    flow q through its inverse: ``AuxFlowPosterior.rsample_path_derivative``)."""
+    if hasattr(q, "rsample_path_derivative"):
+        z, log_q = q.rsample_path_derivative(k, generator)
+        return model.log_joint(x, z) - log_q
     if not hasattr(q, "logvar"):
         return model.log_weights(x, q, k, generator)
     from amortlab.distributions import DiagGaussian

@@ -1,5 +1,10 @@
 """Methods: every one is an ``ELBOModule`` subclass that says how q(z | x) is made."""
 from amortlab.methods.amortized import AmortizedVAE
 from amortlab.methods.base import ELBOModule
+from amortlab.methods.semi_amortized import SAVAE, SVI, VAEPlusSVI, VAEPlusSVIKL
 
-__all__ = ["ELBOModule", "AmortizedVAE"]
+__all__ = ["ELBOModule", "AmortizedVAE", "SVI", "VAEPlusSVI", "VAEPlusSVIKL", "SAVAE"]
+from amortlab.methods.iterative import IterativeVAE  # noqa: E402
+from amortlab.methods.recursive_mixture import RecursiveMixtureVAE  # noqa: E402
+
+__all__ += ["IterativeVAE", "RecursiveMixtureVAE"]

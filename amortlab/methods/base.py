@@ -14,6 +14,7 @@ so a number does not depend on the world size or on what ran before.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import lightning as L
@@ -32,11 +33,14 @@ from amortlab.metrics import ExactMean
 from amortlab.objectives import k_sample_bound, log_weights, std_normal_log_prob
 from amortlab.regularizers import EncoderRegularizer
 
-# nll: from the configured estimator; nll_iwae: IWAE-k from the amortized q (always); neg_elbo: -ELBO of the amortized
-# q; inference_gap = neg_elbo - nll; neg_elbo_refined: -ELBO of the refined q (only when an estimator refines q)
-EVAL_METRICS = ("nll", "nll_iwae", "neg_elbo", "inference_gap", "neg_elbo_refined",
+# nll: from the configured estimator; nll_iwae: IWAE-k from the method's test-time q (always); neg_elbo: -ELBO of that
+# q; inference_gap = neg_elbo - nll; neg_elbo_encoder: -ELBO of the encoder's q before a method's test-time refinement
+# (refining methods only); neg_elbo_refined: -ELBO of the refined q (a refining method's q, or IW-SVI's when that
+# estimator runs); infer_seconds: wall time of the method's inference (encoder + any refinement) per point
+EVAL_METRICS = ("nll", "nll_iwae", "neg_elbo", "inference_gap", "neg_elbo_encoder", "neg_elbo_refined",
+                "infer_seconds",
                 # gap decomposition (evaluation=gaps): log-likelihoods in nats and the gaps between them
-                "gap/log_px", "gap/log_px_iwae", "gap/log_px_ais", "gap/L_q", "gap/L_qstar_ffg", "gap/L_qstar_flow",
+                "gap/log_px", "gap/log_px_iwae", "gap/log_px_iwae_ffg", "gap/log_px_iwae_flow", "gap/log_px_ais", "gap/L_q", "gap/L_qstar_ffg", "gap/L_qstar_flow",
                 "gap/approximation", "gap/amortization", "gap/inference", "gap/qstar_steps_ffg",
                 "gap/qstar_steps_flow")
 ESTIMATORS = ("iwae", "iw_svi", "gaps")
@@ -96,9 +100,19 @@ class ELBOModule(L.LightningModule):
         # annealing weights on log p(z) and log q(z|x) in the training objective (set by callbacks)
         self.prior_weight = 1.0
         self.entropy_weight = 1.0
+        self.eval_metric_names = list(EVAL_METRICS)
         self.metrics = nn.ModuleDict({_metric_key(s, m): ExactMean() for s in ("val", "test") for m in EVAL_METRICS})
         self.eval_results: dict[str, dict[str, float]] = {}
         self.run_config: dict[str, Any] | None = None  # resolved Hydra config, stored in checkpoints
+
+    def register_eval_metrics(self, *names: str) -> None:
+        """Per-point evaluation values a method adds (exact means over the split, like the base metrics), e.g.
+        ``neg_elbo_iter/3``; ``infer_for_eval`` reports them through its ``diagnostics`` dict."""
+        for name in names:
+            if name not in self.eval_metric_names:
+                self.eval_metric_names.append(name)
+                for split in ("val", "test"):
+                    self.metrics[_metric_key(split, name)] = ExactMean()
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning sets `_current_fx_name` ~20 times per step; nn.Module.__setattr__'s type checks on it cost
@@ -127,6 +141,10 @@ class ELBOModule(L.LightningModule):
         ``annealed`` applies the current annealing weights (training only).
         """
         z, log_q = q.rsample_with_log_prob(k, generator)
+        return self.log_weights_at(x, z, log_q, annealed)
+
+    def log_weights_at(self, x: Tensor, z: Tensor, log_q: Tensor, annealed: bool = False) -> Tensor:
+        """log p(x | z) + log p(z) - log q for given samples z ``[k, B, Z]`` and their log q ``[k, B]``."""
         log_px_z = self.decoder.log_prob(x, z)
         log_pz = std_normal_log_prob(z)
         if annealed:
@@ -176,9 +194,26 @@ class ELBOModule(L.LightningModule):
         x = batch.x
         gen = self._eval_generator(batch, split)
         chunk = chunk_size(k, len(x), self.eval_rows)
-        q = self.infer_for_eval(x)
+        diagnostics: dict[str, Any] = {}
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        start = time.perf_counter()
+        q = self.infer_for_eval(x, diagnostics, generator=gen)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        seconds = (time.perf_counter() - start) / len(x)
         log_px, elbo = iwae_estimate(lambda n: self.log_weights(x, q, n, gen), k, chunk)
-        out = {"nll_iwae": -log_px, "neg_elbo": -elbo}
+        out = {"nll_iwae": -log_px, "neg_elbo": -elbo,
+               "infer_seconds": torch.full_like(elbo, seconds, dtype=torch.float64)}
+        q_encoder = diagnostics.pop("q_encoder", None)
+        if q_encoder is not None:  # the method refined the encoder's q at test time
+            out["neg_elbo_encoder"] = -iwae_estimate(lambda n: self.log_weights(x, q_encoder, n, gen), k, chunk)[1]
+            out["neg_elbo_refined"] = -elbo
+        for name, values in diagnostics.items():
+            if name not in self.eval_metric_names:
+                raise KeyError(f"{type(self).__name__}.infer_for_eval reported {name!r}; register it with "
+                               f"register_eval_metrics first")
+            out[name] = values
         if (estimator or self.estimator) == "gaps":
             ais = (lambda xx: ais_log_likelihood(self.decoder.log_prob, xx, self.z_dim, self.ais_cfg, gen)) \
                 if self.gaps_cfg.ais else None
@@ -193,8 +228,16 @@ class ELBOModule(L.LightningModule):
         out["inference_gap"] = out["neg_elbo"] - out["nll"]
         return out
 
-    def infer_for_eval(self, x: Tensor) -> DiagGaussian:
-        """q used at evaluation time; methods that refine q at test time override this."""
+    def infer_for_eval(self, x: Tensor, diagnostics: dict[str, Any] | None = None,
+                       generator: torch.Generator | None = None) -> DiagGaussian:
+        """q used at evaluation time; methods that refine q at test time override this (any noise they need comes
+        from ``generator``, the evaluation's per-batch seeded generator).
+
+        A refining method puts the encoder's unrefined q into ``diagnostics["q_encoder"]`` (the evaluation then
+        reports ``neg_elbo_encoder`` / ``neg_elbo_refined``) and may add per-point values ``[B]`` under names it
+        registered with ``register_eval_metrics``. Runs under ``torch.no_grad``; refinement that needs gradients
+        enables them locally (``torch.inference_mode(False), torch.enable_grad()``) on a detached clone of x.
+        """
         return self.infer(x)
 
     def _eval_step(self, batch: Batch, split: str, k: int) -> None:
@@ -207,7 +250,7 @@ class ELBOModule(L.LightningModule):
         """Exact float64 means over the whole split (summed across DDP ranks), logged and kept in
         ``self.eval_results[split]``."""
         out = {}
-        for name in EVAL_METRICS:
+        for name in self.eval_metric_names:
             metric = self.metrics[_metric_key(split, name)]
             if metric.update_count:
                 out[f"{split}/{name}"] = float(metric.compute())

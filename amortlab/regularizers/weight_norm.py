@@ -57,7 +57,9 @@ class SpectralCap(nn.Module):
     def forward(self, W: Tensor) -> Tensor:
         if self.training:
             self._power(W.detach(), self.n)
-        sigma = torch.dot(self.u, W @ self.v)  # differentiable estimate; u, v are constants
+        # clones: the power iteration updates u, v in place at every forward, and a method may run the encoder
+        # several times in one graph (iterative inference)
+        sigma = torch.dot(self.u.clone(), W @ self.v.clone())  # differentiable estimate; u, v are constants
         return W / torch.clamp(sigma / self.coeff, min=1.0)
 
 

@@ -1,0 +1,297 @@
+"""Recursive mixture inference (inference=recursive_mixture) and the stratified mixture posterior."""
+import copy
+import math
+
+import pytest
+import torch
+
+from amortlab.data.loader import Batch
+from amortlab.distributions import DiagGaussian, MixtureGaussian
+from amortlab.distributions.mixture import recursive_mixture_weights
+from amortlab.errors import AmortlabError
+from amortlab.methods import AmortizedVAE, RecursiveMixtureVAE
+from amortlab.nets import BernoulliDecoder, GaussianEncoder, LinearGaussianEncoder
+from amortlab.objectives import k_sample_bound
+from tests.test_estimators import X_DIM, Z_DIM, data, linear_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def recmix_linear(M: int = 3, shifts=(0.6, -0.6, 0.2), exact: bool = False, **kwargs):
+    """RecMix on the linear-Gaussian model, component j = the exact posterior with its mean shifted by shifts[j]
+    (all exact with ``exact``); returns (model, x, exact log p(x))."""
+    base = linear_model()
+    x = data(base, 6).detach()
+    m = RecursiveMixtureVAE(LinearGaussianEncoder(X_DIM, Z_DIM), base.decoder, components=M, **kwargs).double()
+    with torch.no_grad():
+        for j, enc in enumerate(m.encoders):
+            enc.set_exact(base.decoder)
+            if not exact:
+                enc.linear.bias.add_(shifts[j])
+    return m, x, base.decoder.exact_log_marginal(x)
+
+
+@pytest.mark.parametrize("M, eps", [(1, 0.5), (2, 0.5), (3, 0.5), (5, 0.5), (4, 0.3), (5, 0.9)])
+def test_recursive_weights_sum_to_one_and_follow_the_recursion(M, eps):
+    w = recursive_mixture_weights(M, eps)
+    assert len(w) == M and math.isclose(sum(w), 1.0, rel_tol=0, abs_tol=1e-12)
+    # Q_m = (1 - eps) Q_{m-1} + eps q_m, unrolled by hand
+    ref = [1.0]
+    for _ in range(2, M + 1):
+        ref = [(1 - eps) * v for v in ref] + [eps]
+    assert w == pytest.approx(ref, abs=1e-15)
+    assert recursive_mixture_weights(3, 0.5) == [0.25, 0.25, 0.5]
+
+
+@pytest.mark.parametrize("kwargs, fix", [({"components": 0}, "components"), ({"epsilon": 1.0}, "epsilon"),
+                                         ({"kl_weight": -1.0}, "kl_weight")])
+def test_bad_config_is_one_readable_error(kwargs, fix):
+    with pytest.raises(AmortlabError, match=fix):
+        RecursiveMixtureVAE(LinearGaussianEncoder(X_DIM, Z_DIM), linear_model().decoder, **kwargs)
+
+
+@pytest.mark.parametrize("per_point_weights", [False, True])
+def test_mixture_log_prob_against_explicit_density(per_point_weights):
+    M, B, Z, k = 3, 4, 2, 5
+    g = torch.Generator().manual_seed(0)
+    mus = torch.randn(M, B, Z, generator=g, dtype=torch.float64)
+    logvars = 0.5 * torch.randn(M, B, Z, generator=g, dtype=torch.float64)
+    w = torch.rand(M, B, generator=g, dtype=torch.float64) if per_point_weights else torch.tensor(
+        [0.2, 0.3, 0.5], dtype=torch.float64)
+    w = w / w.sum(0)
+    q = MixtureGaussian(mus, logvars, w.log())
+    z = 2 * torch.randn(k, B, Z, generator=g, dtype=torch.float64)
+    dens = torch.zeros(k, B, dtype=torch.float64)
+    for j in range(M):  # sum_j w_j prod_d N(z_d; mu_jd, sigma_jd^2), written out
+        var = logvars[j].exp()
+        comp = torch.exp(-0.5 * (z - mus[j]) ** 2 / var) / torch.sqrt(2 * math.pi * var)
+        dens += (w[j] if per_point_weights else w[j].expand(B)) * comp.prod(-1)
+    torch.testing.assert_close(q.log_prob(z), dens.log(), rtol=1e-12, atol=1e-12)
+    # the log-density the draws come with is log Q itself
+    zz, log_q = q.rsample_with_log_prob(7, g)
+    torch.testing.assert_close(log_q, q.log_prob(zz), rtol=0, atol=0)
+    assert zz.shape == (7, B, Z)
+
+
+def test_stratified_allocation_is_proportional():
+    """Exact counts n_j = k w_j when k w_j are integers; otherwise E[n_j] = k w_j (the estimator's unbiasedness)."""
+    B = 3
+    q = MixtureGaussian(torch.zeros(3, B, 1), torch.zeros(3, B, 1), torch.tensor([0.25, 0.25, 0.5]).log())
+    for seed in range(5):
+        j = q.stratified_components(8, torch.Generator().manual_seed(seed))  # [k, B]
+        counts = torch.stack([(j == c).sum(0) for c in range(3)])
+        assert (counts == torch.tensor([2, 2, 4]).unsqueeze(-1)).all()
+    q = MixtureGaussian(torch.zeros(3, B, 1), torch.zeros(3, B, 1), torch.tensor([0.1, 0.3, 0.6]).log())
+    j = torch.stack([q.stratified_components(4, torch.Generator().manual_seed(s)) for s in range(2000)])
+    freq = torch.stack([(j == c).double().mean() for c in range(3)])
+    torch.testing.assert_close(freq, torch.tensor([0.1, 0.3, 0.6], dtype=torch.float64), atol=0.01, rtol=0)
+    counts = torch.stack([(j == c).sum(1) for c in range(3)])  # [3, reps, B]: stratified, never far from k w_j
+    assert (counts[2] >= 2).all() and (counts[2] <= 3).all()
+
+
+def test_stratified_iwae_is_unbiased_for_px_and_a_bound_increasing_in_k():
+    m, x, exact = recmix_linear()
+    q = m.infer(x)
+    g = torch.Generator().manual_seed(0)
+    lw = m.log_weights(x, q, 100_000, g)  # [k, B], one call (the draws are stratified over all of them)
+    # (1/k) sum w is unbiased for p(x): with many draws its log is log p(x) (sd of w / p(x) ~ 0.94: ~0.003 here)
+    torch.testing.assert_close(k_sample_bound(lw), exact, atol=0.015, rtol=0)
+    # the mean log-weight estimates the mixture ELBO sum_j w_j E_{q_j}[log p - log Q] (by component, i.i.d.)
+    w = recursive_mixture_weights(3, 0.5)
+    elbo = sum(wj * (m.log_joint(x, z) - q.log_prob(z)).mean(0) for wj, z in
+               ((wj, q.component(j).rsample(100_000, g)) for j, wj in enumerate(w)))
+    torch.testing.assert_close(lw.mean(0), elbo, atol=0.02, rtol=0)
+    # E[L_k] rises with k and stays below log p(x)
+    means = []
+    for k in (1, 4, 16, 64):
+        reps = 8192 // k
+        means.append(k_sample_bound(m.log_weights(x, q, k * reps, g).reshape(reps, k, -1).transpose(0, 1)).mean(0))
+    gap1 = (exact - means[0]).mean()
+    assert gap1 > 0.3
+    for lo, hi in zip(means[:-1], means[1:]):
+        assert (hi - lo).mean() > 0
+    assert ((means[-1] - exact) < 0.02).all() and (means[-1] - exact).mean() < 0
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_exact_components_give_log_px_for_every_sample(k):
+    m, x, exact = recmix_linear(exact=True)
+    lw = m.log_weights(x, m.infer(x), 20)
+    torch.testing.assert_close(lw, exact.expand_as(lw), atol=1e-9, rtol=0)
+    torch.testing.assert_close(m.bound(x, k), exact, atol=1e-9, rtol=0)  # the training bound too
+
+
+def test_training_bound_is_below_log_px_and_increases_with_k():
+    m, x, exact = recmix_linear()
+    reps = {1: 4000, 4: 1000, 32: 125}  # independent bounds of x, batched as copies of x
+    vals = {k: m.bound(x.repeat(r, 1), k).detach().reshape(r, len(x)).mean(0) for k, r in reps.items()}
+    assert (vals[1] < vals[4]).all() and (vals[4] < vals[32]).all()
+    assert ((vals[32] - exact) < 0.02).all()
+
+
+def _normal_log_prob(z, mu, logvar):
+    return torch.distributions.Normal(mu, torch.exp(0.5 * logvar)).log_prob(z).sum(-1)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_training_loss_matches_reference_objective(k):
+    """Loss and every gradient against an independent implementation of methods.md §5: the stratified mixture
+    bound (theta, all components) plus, for m >= 2, ELBO(q_m) + kl_weight KL(q_m || sg Q_{m-1}) with theta and
+    Q_{m-1} held constant (the KL is a reward: it enters with a + sign)."""
+    m, x, _ = recmix_linear(M=3, kl_weight=0.7)
+    m.entropy_weight = 0.8
+    params = dict(m.named_parameters())
+    torch.manual_seed(11)
+    loss = -m.bound(x, k).mean()
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+
+    torch.manual_seed(11)
+    qs = [enc(x) for enc in m.encoders]
+    M, B = 3, len(x)
+    eps = torch.randn(k, M, B, Z_DIM, dtype=torch.float64)
+    w = torch.tensor(recursive_mixture_weights(3, 0.5), dtype=torch.float64)
+    d = m.decoder
+
+    def log_px_z(z, frozen=False):
+        W, b, log_s = (d.W.detach(), d.b.detach(), d.log_s.detach()) if frozen else (d.W, d.b, d.log_s)
+        return _normal_log_prob(x, z @ W.T + b, 2 * log_s.expand(X_DIM))
+
+    def log_mix(z, comps, weights):
+        return torch.logsumexp(torch.stack([wj.log() + _normal_log_prob(z, c.mu, c.logvar)
+                                            for wj, c in zip(weights, comps)]), 0)
+
+    std_normal = torch.zeros(Z_DIM, dtype=torch.float64)
+    mixture_terms, new_terms = [], 0
+    for j, c in enumerate(qs):
+        z = c.mu + torch.exp(0.5 * c.logvar) * eps[:, j]  # [k, B, Z]
+        lw = log_px_z(z) + _normal_log_prob(z, std_normal, std_normal) - 0.8 * log_mix(z, qs, w)
+        mixture_terms.append(lw)
+        if j >= 1:
+            prev = [DiagGaussian(p.mu.detach(), p.logvar.detach()) for p in qs[:j]]
+            log_q = _normal_log_prob(z, c.mu, c.logvar)
+            elbo = log_px_z(z, frozen=True) + _normal_log_prob(z, std_normal, std_normal) - 0.8 * log_q
+            kl = log_q - log_mix(z, prev, torch.tensor(recursive_mixture_weights(j, 0.5), dtype=torch.float64))
+            new_terms = new_terms + (elbo + 0.7 * kl).mean(0)
+    lw = torch.stack(mixture_terms, 1)  # [k, M, B]
+    if k == 1:
+        mixture = (w[:, None] * lw[0]).sum(0)
+    else:
+        mixture = torch.logsumexp(w.log()[:, None] + torch.logsumexp(lw, 0) - math.log(k), 0)
+    torch.testing.assert_close(loss, -mixture.mean(), rtol=1e-12, atol=1e-12)  # the value: the mixture bound
+    ref = dict(zip(params, torch.autograd.grad(-(mixture + new_terms).mean(), list(params.values()),
+                                               retain_graph=True)))
+    for name in params:
+        torch.testing.assert_close(grads[name], ref[name], rtol=1e-9, atol=1e-11, msg=name)
+    # theta's gradient comes from the mixture bound alone
+    ref_theta = torch.autograd.grad(-mixture.mean(), [d.W, d.b, d.log_s])
+    for name, r in zip(["decoder.W", "decoder.b", "decoder.log_s"], ref_theta):
+        torch.testing.assert_close(grads[name], r, rtol=1e-9, atol=1e-11)
+
+
+def test_components_are_wrapped_copies_with_their_own_initialisation():
+    from torch.nn.utils import parametrize
+
+    from amortlab.regularizers import WeightNorm
+
+    torch.manual_seed(0)
+    enc = GaussianEncoder(20, 4, [16])
+    first = copy.deepcopy(enc.state_dict())
+    m = RecursiveMixtureVAE(enc, BernoulliDecoder(20, 4, [16]), components=3, regularizer=WeightNorm(2.0))
+    assert len(m.encoders) == 3 and m.encoders[0] is enc
+    for e in m.encoders:
+        assert all(parametrize.is_parametrized(layer, "weight") for layer in e.modules()
+                   if isinstance(layer, torch.nn.Linear))
+    x = torch.rand(5, 20)
+    q = m.infer(x)
+    assert q.mus.shape == (3, 5, 4) and not torch.allclose(q.mus[0], q.mus[1])  # distinct initialisations
+    torch.testing.assert_close(m.encoders[0].net[0].parametrizations.weight.original, first["net.0.weight"])
+    torch.testing.assert_close(q.weights[:, 0], torch.tensor([0.25, 0.25, 0.5]))
+    torch.testing.assert_close(q.mu, q.mus[2])  # the point estimate: the heaviest component's mean
+
+
+def mlp_pair(k: int):
+    """AmortizedVAE and RecursiveMixtureVAE(M=1) with identical (float64) weights on an MLP encoder/decoder."""
+    torch.manual_seed(0)
+    enc, dec = GaussianEncoder(20, 4, [16]), BernoulliDecoder(20, 4, [16])
+    ks = {"train": k, "val": 10, "test": 200}
+    vae = AmortizedVAE(copy.deepcopy(enc), copy.deepcopy(dec), importance_samples=ks).double()
+    mix = RecursiveMixtureVAE(copy.deepcopy(enc), copy.deepcopy(dec), components=1, importance_samples=ks).double()
+    x = torch.bernoulli(torch.rand(12, 20, generator=torch.Generator().manual_seed(1))).double()
+    return vae, mix, x
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_one_component_is_the_vae_exactly(k):
+    vae, mix, x = mlp_pair(k)
+    out = []
+    for m in (vae, mix):
+        torch.manual_seed(7)
+        loss = m.training_loss(x)
+        loss.backward()
+        grads = {n.replace("encoders.0.", "encoder."): p.grad for n, p in m.named_parameters()}
+        with torch.inference_mode():
+            ev = m.evaluate_batch(Batch(x, 0), k=200)
+            ev_svi = m.evaluate_batch(Batch(x, 0), k=50, estimator="iw_svi")
+        out.append((loss.detach(), grads, ev, ev_svi))
+    (la, ga, ea, sa), (lb, gb, eb, sb) = out
+    assert torch.equal(la, lb)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        assert torch.equal(ga[n], gb[n]), n
+    for a, b in ((ea, eb), (sa, sb)):
+        for key in a:
+            if key != "infer_seconds":
+                assert torch.equal(a[key], b[key]), key
+
+
+def test_gaps_evaluation_runs_on_a_mixture():
+    from amortlab.evaluation.gaps import GapsConfig
+    from amortlab.evaluation.qstar import QStarConfig
+
+    m, x, exact = recmix_linear(M=2)
+    for init in ("prior", "encoder"):  # q* from the prior, or from the heaviest component
+        m.gaps_cfg = GapsConfig(families=["ffg"], qstar=QStarConfig(lr=0.05, k=20, max_steps=300, patience=50,
+                                                                    init=init))
+        with torch.inference_mode():
+            out = m.evaluate_batch(Batch(x, 0), k=2000, estimator="gaps")
+        torch.testing.assert_close(out["gap/log_px"], exact, atol=0.05, rtol=0)
+        torch.testing.assert_close(out["gap/inference"], out["gap/approximation"] + out["gap/amortization"])
+        assert (out["gap/inference"] > 0.05).all()  # the shifted components leave a real gap
+
+
+# --- CLI (in-process compose -> run, as train.py does) --------------------------------------------------------------
+def cli(run_dir, *overrides: str) -> dict:
+    from amortlab.run import compose_config, run
+
+    cfg = compose_config(["logger=none", "trainer.max_epochs=2", "trainer.limit_train_batches=4",
+                          "importance_samples.test=50", *overrides], run_dir)
+    return run(cfg, run_dir)
+
+
+def test_cli_digits_with_k5_and_gap_evaluation(tmp_path):
+    r = cli(tmp_path, "inference=recursive_mixture", "importance_samples=k5", "evaluation=gaps",
+            "evaluation.gaps.families=[ffg]", "evaluation.gaps.qstar.max_steps=10", "evaluation.gaps.qstar.k=5",
+            "evaluation.gaps.qstar.select_k=20")
+    assert r["status"] == "ok"
+    m = r["metrics"]
+    for key in ("test/nll", "test/neg_elbo", "test/gap/L_qstar_ffg", "test/gap/amortization", "test/gap/inference"):
+        assert math.isfinite(m[key]), key
+    assert r["axes"] == {**r["axes"], "method": "recursive_mixture", "M": 3, "k": 5}
+    assert "recmix3" in r["tags"] and (tmp_path / "gaps.md").is_file()
+
+
+def test_cli_one_component_reproduces_the_vae_run(tmp_path):
+    a = cli(tmp_path / "vae", "inference=amortized", "encoder_regularizer=weight_norm")
+    b = cli(tmp_path / "mix", "inference=recursive_mixture", "inference.components=1",
+            "encoder_regularizer=weight_norm")
+    for key, value in a["metrics"].items():
+        if "infer_seconds" not in key:
+            assert b["metrics"][key] == value, key
+
+
+def test_iw_svi_with_a_mixture_is_refused():
+    from amortlab.errors import AmortlabError
+    from amortlab.run import build_from_overrides
+
+    with pytest.raises(AmortlabError, match="mixture q"):
+        build_from_overrides(["inference=recursive_mixture", "evaluation=iw_svi", "logger=none"])
