@@ -46,6 +46,22 @@ EVAL_METRICS = ("nll", "nll_iwae", "neg_elbo", "inference_gap", "neg_elbo_encode
 ESTIMATORS = ("iwae", "iw_svi", "gaps")
 
 
+class _LogProb(nn.Module):
+    def __init__(self, decoder: nn.Module):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, x: Tensor, z: Tensor) -> Tensor:
+        return self.decoder.log_prob(x, z)
+
+
+def frozen_log_prob(decoder: nn.Module, x: Tensor, z: Tensor) -> Tensor:
+    """log p_theta(x | z) ``[k, B]`` with theta held constant (``torch.func.functional_call`` on detached weights):
+    gradients reach z (and through it q's parameters), never the decoder. Same values as ``decoder.log_prob``."""
+    params = {f"decoder.{n}": p.detach() for n, p in decoder.named_parameters()}
+    return torch.func.functional_call(_LogProb(decoder), params, (x, z))
+
+
 def _metric_key(split: str, name: str) -> str:
     return f"{split}_{name}".replace("/", "__")  # ModuleDict keys cannot hold dots; keep them readable
 
@@ -135,17 +151,19 @@ class ELBOModule(L.LightningModule):
 
     # --- the bound ------------------------------------------------------------------------------------------------
     def log_weights(self, x: Tensor, q: DiagGaussian, k: int, generator: torch.Generator | None = None,
-                    annealed: bool = False) -> Tensor:
+                    annealed: bool = False, frozen_decoder: bool = False) -> Tensor:
         """log w_i = log p(x | z_i) + log p(z_i) - log q(z_i | x), z_i ~ q; ``[k, B]``.
 
-        ``annealed`` applies the current annealing weights (training only).
+        ``annealed`` applies the current annealing weights (training only); ``frozen_decoder`` holds the decoder's
+        parameters constant (a term that must train only q's side, e.g. an encoder's own bound).
         """
         z, log_q = q.rsample_with_log_prob(k, generator)
-        return self.log_weights_at(x, z, log_q, annealed)
+        return self.log_weights_at(x, z, log_q, annealed, frozen_decoder)
 
-    def log_weights_at(self, x: Tensor, z: Tensor, log_q: Tensor, annealed: bool = False) -> Tensor:
+    def log_weights_at(self, x: Tensor, z: Tensor, log_q: Tensor, annealed: bool = False,
+                       frozen_decoder: bool = False) -> Tensor:
         """log p(x | z) + log p(z) - log q for given samples z ``[k, B, Z]`` and their log q ``[k, B]``."""
-        log_px_z = self.decoder.log_prob(x, z)
+        log_px_z = frozen_log_prob(self.decoder, x, z) if frozen_decoder else self.decoder.log_prob(x, z)
         log_pz = std_normal_log_prob(z)
         if annealed:
             return log_weights(log_px_z, log_pz, log_q, self.prior_weight, self.entropy_weight)

@@ -22,7 +22,7 @@ Training (one backward pass): phi minimises the mean over iterates of -L_k(lambd
 annealing weights applied); the decoder theta is trained on the final iterate only, -L_k(lambda_T). ``bound`` returns
 the per-example surrogate whose value is L_k(lambda_T) (so train/loss is -L_k of the final q, like every method) and
 whose gradients are exactly these: the t < T terms score z with a theta-frozen copy of the decoder
-(``torch.func.functional_call`` on detached parameters; gradients still reach phi through z and q), and the final
+(``frozen_decoder=True``: gradients still reach phi through z and q), and the final
 term reads lambda_T' = sg(lambda_T) + (lambda_T - sg(lambda_T)) / |S| (value lambda_T, phi-gradient scaled by 1/|S|).
 With ``encoder_regularizer=denoising`` (or adversarial) the iterations read the perturbed x_enc everywhere (the x input,
 the gradient / errors are of the bound at x_enc) while every L_k scores the clean x; weight_norm / spectral_norm wrap
@@ -47,27 +47,11 @@ from amortlab.errors import AmortlabError
 from amortlab.evaluation import chunk_size, iwae_estimate
 from amortlab.methods.base import ELBOModule
 from amortlab.nets.mlp import MLP
-from amortlab.objectives import k_sample_bound, log_weights, std_normal_log_prob
+from amortlab.objectives import k_sample_bound
 
 ENCODINGS = ("gradient", "error")
 INITS = ("prior", "encoder")
 LOGVAR_MIN, LOGVAR_MAX = -15.0, 15.0
-
-
-class _LogProb(nn.Module):
-    def __init__(self, decoder: nn.Module):
-        super().__init__()
-        self.decoder = decoder
-
-    def forward(self, x: Tensor, z: Tensor) -> Tensor:
-        return self.decoder.log_prob(x, z)
-
-
-def frozen_log_prob(decoder: nn.Module, x: Tensor, z: Tensor) -> Tensor:
-    """log p_theta(x | z) ``[k, B]`` with theta treated as a constant: gradients reach z (and through it q's
-    parameters), never the decoder's parameters. Same values as ``decoder.log_prob(x, z)``."""
-    params = {f"decoder.{n}": p.detach() for n, p in decoder.named_parameters()}
-    return torch.func.functional_call(_LogProb(decoder), params, (x, z))
 
 
 @contextmanager
@@ -178,12 +162,6 @@ class IterativeVAE(ELBOModule):
         return _q(self.iterates(x)[-1])
 
     # --- training -------------------------------------------------------------------------------------------------
-    def _frozen_log_weights(self, x: Tensor, q: DiagGaussian, k: int) -> Tensor:
-        """Annealed log-weights ``[k, B]`` with the decoder's parameters held constant."""
-        z, log_q = q.rsample_with_log_prob(k)
-        return log_weights(frozen_log_prob(self.decoder, x, z), std_normal_log_prob(z), log_q,
-                           self.prior_weight, self.entropy_weight)
-
     def bound(self, x: Tensor, k: int, x_enc: Tensor | None = None) -> Tensor:
         """Training surrogate ``[B]``: value L_k(x; lambda_T); gradients: theta from -L_k(lambda_T) only, phi from
         the mean over t in S of L_k(lambda_t) (module docstring). Draws: the iterations' samples first, then each
@@ -191,7 +169,8 @@ class IterativeVAE(ELBOModule):
         lams = self.iterates(x if x_enc is None else x_enc)
         steps = list(range(0 if self.encoder is not None else 1, self.T + 1))
         n = len(steps)
-        phi_terms = [k_sample_bound(self._frozen_log_weights(x, _q(lams[t]), k)) for t in steps[:-1]]
+        phi_terms = [k_sample_bound(self.log_weights(x, _q(lams[t]), k, annealed=True, frozen_decoder=True))
+                     for t in steps[:-1]]
         lam_T = lams[-1]
         lam_T = lam_T.detach() + (lam_T - lam_T.detach()) / n  # value lambda_T; phi sees 1/|S| of this term
         final = k_sample_bound(self.log_weights(x, _q(lam_T), k, annealed=True))

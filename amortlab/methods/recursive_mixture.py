@@ -55,8 +55,7 @@ from torch import Tensor, nn
 from amortlab.distributions import DiagGaussian, MixtureGaussian
 from amortlab.distributions.mixture import pairwise_log_prob, recursive_mixture_weights
 from amortlab.errors import AmortlabError
-from amortlab.methods.base import ELBOModule
-from amortlab.methods.iterative import frozen_log_prob
+from amortlab.methods.base import ELBOModule, frozen_log_prob
 from amortlab.objectives import log_mean_exp, log_weights, std_normal_log_prob
 
 

@@ -19,7 +19,6 @@ encoder only (lambda_0 = enc(x + eps)) while the steps and the bound score the c
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -30,19 +29,6 @@ from amortlab.errors import AmortlabError
 from amortlab.methods.base import ELBOModule
 from amortlab.objectives import k_sample_bound
 from amortlab.refinement import RefinementConfig, SemiAmortizedRefine, gaussian_objective, refine
-
-
-@contextmanager
-def frozen(module: nn.Module):
-    """Parameters of ``module`` do not require grad inside the block (gradients still flow through its inputs)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 def _lam(q: DiagGaussian) -> Tensor:
@@ -169,8 +155,7 @@ class VAEPlusSVI(SemiAmortizedBase):
 
     def bound(self, x: Tensor, k: int, x_enc: Tensor | None = None) -> Tensor:
         q0 = self.infer(x if x_enc is None else x_enc)
-        with frozen(self.decoder):
-            encoder_term = self._refined_bound(x, k, q0)
+        encoder_term = k_sample_bound(self.log_weights(x, q0, k, annealed=True, frozen_decoder=True))
         refined = self._refined_bound(x, k, self.refine(x, q0, annealed=True))
         return refined + (encoder_term - encoder_term.detach())
 
