@@ -167,7 +167,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     last_cb = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
                               every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
     callbacks = [c for c in (best_cb, last_cb) if c] + [throughput, ImagePanels(str(out_dir / "images"), seed=cfg.seed)]
-    if cfg.annealing:
+    if cfg.annealing and cfg.annealing.get("_target_"):  # annealing=none has _target_: null
         callbacks.append(_instantiate(cfg.annealing, "annealing"))
     callbacks += [_instantiate(c, f"callbacks.{name}") for name, c in (cfg.callbacks or {}).items() if c]
     logger = build_logger(cfg, module, out_dir, dm.name)

@@ -160,3 +160,11 @@ def test_existing_results_are_kept(tmp_path):
     train(*BASE, "trainer.max_epochs=1", "importance_samples.test=20", run_dir=tmp_path)
     kept = list(tmp_path.glob("results.prev-*.json"))
     assert len(kept) == 1 and kept[0].read_text() == first
+
+
+def test_annealing_none_overrides_an_experiments_schedule(tmp_path):
+    """annealing=none after an overlay that set a schedule (as a study setting does) trains without the callback."""
+    run = tmp_path / "run"
+    train("logger=none", "trainer.max_epochs=1", "importance_samples.test=50", "annealing=none",
+          "+annealing.duration=20", run_dir=run)
+    assert results(run)["status"] == "ok"

@@ -95,3 +95,22 @@ def test_gaps_cli_with_flow_posterior_and_ais(tmp_path):
     assert m["test/gap/inference"] == pytest.approx(m["test/gap/approximation"] + m["test/gap/amortization"])
     assert m["test/nll"] == pytest.approx(-m["test/gap/log_px"])
     assert "| L[q*_Flow] |" in (tmp_path / "gaps.md").read_text()
+
+
+def test_ffg_qstar_of_a_flow_q_starts_at_its_moments():
+    """q*_FFG of a flow posterior (no Gaussian parameters) starts at the flow's moment-matched Gaussian, not the prior."""
+    from amortlab.evaluation.gaps import local_family
+    from amortlab.nets import FlowEncoder
+
+    torch.manual_seed(0)
+    enc = FlowEncoder(6, 3, hidden=(8,), flow_hidden=6).double()
+    x = 3 * torch.randn(4, 6, dtype=torch.float64)
+    q0 = enc(x)
+    cfg = GapsConfig(families=["ffg"], qstar=QStarConfig(init="encoder"))
+    fam = local_family("ffg", 4, 3, q0, cfg, x)
+    with torch.no_grad():
+        z = q0.rsample(20000)
+    assert (z.mean(0).abs() > 0.05).any()  # not the prior's moments
+    torch.testing.assert_close(fam.mu, z.mean(0), atol=0.15, rtol=0)
+    torch.testing.assert_close(fam.logvar.exp(), z.var(0), atol=0.15, rtol=0.15)
+    assert fam.mu.dtype == torch.float64

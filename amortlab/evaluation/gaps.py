@@ -24,6 +24,7 @@ from amortlab.evaluation.estimators import chunk_size, iwae_estimate
 from amortlab.evaluation.qstar import QStarConfig, optimize_local
 
 FAMILIES = ("ffg", "flow")
+MOMENT_SAMPLES = 256  # samples of a flow q whose mean / variance start q*_FFG (init=encoder)
 
 
 @dataclass
@@ -45,7 +46,8 @@ def q_family(q) -> str:
 
 
 def local_family(name: str, n: int, z_dim: int, q0, cfg: GapsConfig, like: Tensor) -> torch.nn.Module:
-    """A per-point family for ``n`` points (dtype and device of ``like``), at the prior or at the encoder's q."""
+    """A per-point family for ``n`` points (dtype and device of ``like``), at the prior or at the encoder's q (for
+    q*_FFG of a flow q: the Gaussian with the flow's sample mean and variance)."""
     from amortlab.distributions.flow import LocalFlow, LocalGaussian
 
     from_encoder = cfg.qstar.init == "encoder"
@@ -54,6 +56,10 @@ def local_family(name: str, n: int, z_dim: int, q0, cfg: GapsConfig, like: Tenso
     init = {"dtype": like.dtype, "device": like.device}
     if from_encoder and hasattr(q0, "logvar"):
         init.update(init_mu=q0.mu.detach(), init_logvar=q0.logvar.detach())
+    elif from_encoder:  # a q without Gaussian parameters (a flow): start at its moment-matched Gaussian
+        with torch.no_grad():
+            z = q0.rsample(MOMENT_SAMPLES)  # [S, n, Z]
+        init.update(init_mu=z.mean(0), init_logvar=z.var(0).clamp_min(1e-8).log())
     if name == "ffg":
         return LocalGaussian(n, z_dim, **init)
     return LocalFlow(n, z_dim, hidden=cfg.flow.hidden, steps=cfg.flow.steps, **init)
