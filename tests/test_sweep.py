@@ -207,6 +207,20 @@ def test_repository_studies_expand():
         assert ks == expected, name
 
 
+def test_repository_study_settings_build():
+    """Every setting of every study in conf/sweep composes with its base and builds its method (no data, no run):
+    a key an overlay sets that the chosen method does not take fails here, not hours into a sweep."""
+    from amortlab.run import build_module, compose_config
+
+    for name in sweep.available_studies():
+        study = sweep.load_study(name)
+        for s in sweep.expand(study):
+            overrides = [*study.get("base", []), *(f"{k}={sweep._override_value(v)}" for k, v in s.overrides.items()),
+                         "logger=none", "x_dim=784", "data_dir=/nonexistent"]
+            module = build_module(compose_config(overrides))
+            assert module.k_train >= 1, (name, s.id)
+
+
 def test_plan_groups_by_seed_set_and_resumes_crashed_runs(tmp_path):
     pairs = [("a", 0), ("a", 1), ("b", 0), ("b", 1), ("c", 1), ("d", 0)]
     ckpt = tmp_path / "runs" / "d" / "seed0" / "checkpoints"
