@@ -841,7 +841,8 @@ def write_report(out_dir: str | Path, rows: list[dict[str, Any]], metrics: list[
     return written
 
 
-METHOD_COLUMNS = (("test/nll", "test NLL"), ("test/neg_elbo", "-ELBO (method's q)"),
+METHOD_COLUMNS = (("test/nll", "test NLL"), ("test/nll_iwae", "NLL, IWAE from the method's q"),
+                  ("test/neg_elbo", "-ELBO (method's q)"),
                   ("test/neg_elbo_encoder", "-ELBO (encoder's q)"), ("test/gap/amortization", "amortization gap"),
                   ("test/inference_gap", "inference gap"), ("test/infer_seconds", "inference ms / point"))
 
