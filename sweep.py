@@ -893,13 +893,22 @@ def write_methods_report(rows: list[dict[str, Any]], out_dir: Path) -> dict[str,
         f = scale.get(m, 1.0)
         vals = [(r.get(f"{m}_mean") or float("nan")) * f for r in done]
         errs = [(r.get(f"{m}_std") or 0.0) * f for r in done]
-        ax.bar(range(len(names)), vals, yerr=errs, capsize=3, color="tab:blue")
+        finite = [v for v in vals if _finite(v)]
+        # a diverged run (e.g. a bound of 1e21) is drawn at the top edge and labelled, not allowed to set the scale
+        med = statistics.median([abs(v) for v in finite]) if finite else 0.0
+        inscale = [v for v in finite if abs(v) <= 10 * med + 1.0]
+        lo, hi = (min(inscale), max(inscale)) if inscale else (0.0, 1.0)
+        zoom = m != "test/infer_seconds" and lo > 0  # bounds: zoom in on the differences
+        bottom, top = (lo - 0.15 * (hi - lo) - 0.5, hi + 0.15 * (hi - lo) + 0.5) if zoom else (0.0, 1.15 * hi or 1.0)
+        shown_vals = [min(v, top) if _finite(v) else float("nan") for v in vals]
+        ax.bar(range(len(names)), shown_vals, yerr=[e if _finite(v) and v <= top else 0 for v, e in zip(vals, errs)],
+               capsize=3, color=["tab:red" if _finite(v) and v > top else "tab:blue" for v in vals])
+        for i, v in enumerate(vals):
+            if _finite(v) and v > top:
+                ax.annotate(f"{v:.2g}", (i, top), ha="center", va="top", fontsize=7, color="white", rotation=90)
+        ax.set_ylim(bottom, top)
         ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
         ax.set_title(label, fontsize=9)
-        finite = [v for v in vals if _finite(v)]
-        if finite and m != "test/infer_seconds" and min(finite) > 0:  # bounds: zoom in on the differences
-            lo, hi = min(finite), max(finite)
-            ax.set_ylim(lo - 0.15 * (hi - lo + 1e-9) - 0.5, hi + 0.15 * (hi - lo + 1e-9) + 0.5)
     fig.tight_layout()
     fig.savefig(out_dir / "methods.png", dpi=120)
     plt.close(fig)
