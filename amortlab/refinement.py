@@ -126,7 +126,8 @@ def _vjp_exact(f, lam_t, eps, cfg, params, w) -> tuple[Tensor, list[Tensor | Non
 
 def _vjp_finite_difference(f, lam_t, eps, cfg, params, w) -> tuple[Tensor, list[Tensor | None]]:
     """The same products with the Hessian part by central differences: with w_h = (dclip/dh)^T w (exact) and
-    r_b = fd_step / |w_h,b|, grad_{lambda, theta} of sum_b [f_b(lambda_b + r_b w_h,b) - f_b(lambda_b - r_b w_h,b)] / (2 r_b)."""
+    r_b = fd_step / |w_h,b|, grad_{lambda, theta} of
+    sum_b [f_b(lambda_b + r_b w_h,b) - f_b(lambda_b - r_b w_h,b)] / (2 r_b)."""
     lam = lam_t.detach().requires_grad_(True)
     (h,) = torch.autograd.grad(f(lam, eps).sum(), lam)
     h = h.detach().requires_grad_(True)

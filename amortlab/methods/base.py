@@ -40,7 +40,8 @@ from amortlab.regularizers import EncoderRegularizer
 EVAL_METRICS = ("nll", "nll_iwae", "neg_elbo", "inference_gap", "neg_elbo_encoder", "neg_elbo_refined",
                 "infer_seconds",
                 # gap decomposition (evaluation=gaps): log-likelihoods in nats and the gaps between them
-                "gap/log_px", "gap/log_px_iwae", "gap/log_px_iwae_ffg", "gap/log_px_iwae_flow", "gap/log_px_ais", "gap/L_q", "gap/L_qstar_ffg", "gap/L_qstar_flow",
+                "gap/log_px", "gap/log_px_iwae", "gap/log_px_iwae_ffg", "gap/log_px_iwae_flow", "gap/log_px_ais",
+                "gap/L_q", "gap/L_qstar_ffg", "gap/L_qstar_flow",
                 "gap/approximation", "gap/amortization", "gap/inference", "gap/qstar_steps_ffg",
                 "gap/qstar_steps_flow")
 ESTIMATORS = ("iwae", "iw_svi", "gaps")
