@@ -958,31 +958,39 @@ def write_methods_report(rows: list[dict[str, Any]], out_dir: Path) -> dict[str,
 
 
 def write_gap_report(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
-    """gaps.md (Cremer et al.'s Table 1 layout, a column per setting, means over seeds) and gaps.png (stacked bars:
-    approximation + amortization = inference gap per setting, error bar = std of the inference gap)."""
+    """gaps.md (Cremer et al.'s Table 1 layout, a column per setting, means over seeds; a second table for the
+    training points when the runs evaluated them, ``evaluation.train_points``) and gaps.png (stacked bars per split:
+    approximation + amortization = inference gap per setting, error bar = std of the inference gap over seeds)."""
     from amortlab.evaluation.gaps import gap_table
 
     done = [r for r in rows if _finite(r.get("test/gap/inference_mean"))]
     columns = {r["setting"]: {k[:-5]: v for k, v in r.items() if k.endswith("_mean") and _finite(v)} for r in done}
-    (out_dir / "gaps.md").write_text("Inference-gap decomposition (test split, nats, mean over seeds)\n\n"
-                                     + gap_table(columns))
+    splits = [s for s in ("test", "train") if any(f"{s}/gap/inference" in c for c in columns.values())]
+    text = []
+    for split in splits:
+        n = {int(c[f"{split}/n_points"]) for c in columns.values() if f"{split}/n_points" in c}
+        text.append(f"Inference-gap decomposition ({split} split, {'/'.join(map(str, sorted(n)))} points, nats, "
+                    f"mean over seeds)\n\n" + gap_table(columns, split))
+    (out_dir / "gaps.md").write_text("\n".join(text))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(columns)
-    approx = [columns[n].get("test/gap/approximation", float("nan")) for n in names]
-    amort = [columns[n].get("test/gap/amortization", float("nan")) for n in names]
-    err = [r.get("test/gap/inference_std") or 0.0 for r in done]
-    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2.0, 3.8))
+    fig, axs = plt.subplots(1, len(splits), figsize=(len(splits) * (1.3 * len(names) + 2.0), 3.8), squeeze=False,
+                            sharey=True)
     xs = range(len(names))
-    ax.bar(xs, approx, label="approximation", color="tab:blue")
-    ax.bar(xs, amort, bottom=approx, yerr=err, capsize=3, label="amortization", color="tab:orange")
-    ax.set_xticks(list(xs), names, rotation=20, ha="right")
-    ax.set_ylabel("gap (nats)")
-    ax.set_title("inference gap = approximation + amortization")
-    ax.legend(frameon=False)
+    for ax, split in zip(axs[0], splits):
+        approx = [columns[n].get(f"{split}/gap/approximation", float("nan")) for n in names]
+        amort = [columns[n].get(f"{split}/gap/amortization", float("nan")) for n in names]
+        err = [r.get(f"{split}/gap/inference_std") or 0.0 for r in done]
+        ax.bar(xs, approx, label="approximation", color="tab:blue")
+        ax.bar(xs, amort, bottom=approx, yerr=err, capsize=3, label="amortization", color="tab:orange")
+        ax.set_xticks(list(xs), names, rotation=20, ha="right")
+        ax.set_title(f"{split} points: inference gap = approximation + amortization", fontsize=9)
+    axs[0][0].set_ylabel("gap (nats)")
+    axs[0][0].legend(frameon=False)
     fig.tight_layout()
     fig.savefig(out_dir / "gaps.png", dpi=120)
     plt.close(fig)

@@ -37,6 +37,8 @@ class Evaluation:
     seed: seed of the evaluation noise (per batch, independent of the world size).
     ckpt: which weights are evaluated after training: ``best`` (lowest val/nll) or ``last``.
     val: also run the final estimator on the validation split (results.json ``val/...``).
+    train_points: also run it on the first N training images (``train/...``; 0 = off): fitting vs generalisation,
+        e.g. the amortization gap on the points the encoder was trained on (Cremer et al.'s gap code uses those).
     """
 
     estimator: str = "iwae"
@@ -47,6 +49,7 @@ class Evaluation:
     seed: int = 0
     ckpt: str = "best"
     val: bool = True
+    train_points: int = 0
 
 
 @dataclass

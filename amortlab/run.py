@@ -215,14 +215,23 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         timing["test_s"] = round(time.perf_counter() - t1, 3)
         n_test = results["metrics"].get("test/n_points", results["data"]["test_size"])  # limit_test_batches aware
         timing["test_images_per_s"] = round(n_test / max(timing["test_s"], 1e-9), 2)
+        if cfg.evaluation.get("train_points"):
+            t2 = time.perf_counter()
+            results["metrics"].update(evaluate_training_points(trainer, module, dm, int(cfg.evaluation.train_points),
+                                                               eval_ckpt))
+            timing["train_eval_s"] = round(time.perf_counter() - t2, 3)
     if results["status"] == "running":
         results["status"] = "ok"
     if cfg.test and cfg.evaluation.estimator == "gaps" and trainer.is_global_zero:
         from amortlab.evaluation.gaps import gap_table
 
-        n = results["metrics"].get("test/n_points")
-        (out_dir / "gaps.md").write_text(f"Inference-gap decomposition, test split ({n} points, nats)\n\n"
-                                         + gap_table({run_name(cfg, module): results["metrics"]}))
+        name, text = run_name(cfg, module), []
+        for split in ("test", "train"):
+            n = results["metrics"].get(f"{split}/n_points")
+            if n:
+                text.append(f"Inference-gap decomposition, {split} split ({n} points, nats)\n\n"
+                            + gap_table({name: results["metrics"]}, split))
+        (out_dir / "gaps.md").write_text("\n".join(text))
     if trainer.is_global_zero:
         path = write_results(out_dir / "results.json", results)
         if logger and hasattr(logger, "experiment") and cfg.logger.get("_target_", "").endswith("make_wandb_logger"):
@@ -234,6 +243,20 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         import wandb
         wandb.finish()
     return results
+
+
+def evaluate_training_points(trainer: L.Trainer, module, dm, n: int, ckpt: str | None) -> dict[str, float]:
+    """The final evaluation of the first ``n`` training images (keys ``train/...``), beside the test split's:
+    the same estimator, k and seeds; ``trainer.limit_test_batches`` does not apply (``n`` says how many)."""
+    if n < 0:
+        raise AmortlabError(f"evaluation.train_points={n} must be >= 0 (0 = no training-point evaluation).")
+    module.test_split, limit = "train", trainer.limit_test_batches
+    trainer.limit_test_batches = 1.0
+    try:
+        trainer.test(module, dataloaders=dm.eval_dataloader("train", n), ckpt_path=ckpt, verbose=False)
+    finally:
+        module.test_split, trainer.limit_test_batches = "test", limit
+    return module.eval_results["train"]
 
 
 def summary(results: dict[str, Any], path: Path) -> str:
@@ -253,13 +276,16 @@ def summary(results: dict[str, Any], path: Path) -> str:
         f"{d['test_size']}, {d['binarization']})",
         f"{'split':<6}{name + ' [n]':>26}{'-ELBO':>10}{'inf. gap':>10}" + (f"{'NLL (IWAE)':>12}" if est != "iwae" else ""),
     ]
-    for split in ("val", "test"):
+    for split in ("val", "test", "train"):
         n = m.get(f"{split}/n_points")
+        if split == "train" and n is None:
+            continue
         row = f"{split:<6}{f(split + '/nll') + (f' [{n}]' if n is not None else ''):>26}{f(split + '/neg_elbo')}{f(split + '/inference_gap')}"
         lines.append(row + (f"  {f(split + '/nll_iwae')}" if est != "iwae" else ""))
     lines += [
         f"time: fit {t.get('fit_s', 0):.1f}s ({t.get('train_images_per_s') or 0:.0f} img/s), "
-        f"eval val {t.get('val_s', 0):.1f}s + test {t.get('test_s', 0):.1f}s",
+        f"eval val {t.get('val_s', 0):.1f}s + test {t.get('test_s', 0):.1f}s"
+        + (f" + train points {t['train_eval_s']:.1f}s" if t.get("train_eval_s") is not None else ""),
         f"results: {path}",
         f"checkpoints: {Path(path).parent / 'checkpoints'}   images: {Path(path).parent / 'images'}",
     ]

@@ -168,3 +168,32 @@ def test_annealing_none_overrides_an_experiments_schedule(tmp_path):
     train("logger=none", "trainer.max_epochs=1", "importance_samples.test=50", "annealing=none",
           "+annealing.duration=20", run_dir=run)
     assert results(run)["status"] == "ok"
+
+
+def test_training_points_are_evaluated_like_the_test_points(tmp_path):
+    """evaluation.train_points=N: the final estimator on the first N training images (train/... keys, all N even
+    with trainer.limit_test_batches) -- the same numbers as evaluating those rows directly with the final weights."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from amortlab.data.loader import Batch
+    from amortlab.run import build_module
+
+    train(*BASE, "evaluation.train_points=30", "evaluation.ckpt=last", "dataset.eval_batch_size=20",
+          "trainer.limit_test_batches=1", run_dir=tmp_path)
+    r = results(tmp_path)
+    m = r["metrics"]
+    assert m["test/n_points"] == 20 and m["train/n_points"] == 30
+    assert r["timing"]["train_eval_s"] > 0
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    cfg = OmegaConf.create(ckpt["amortlab_config"])
+    module = build_module(cfg)
+    module.load_state_dict(ckpt["state_dict"])
+    module.eval()
+    dm = instantiate(cfg.dataset)
+    nll = torch.cat([module.evaluate_batch(b, 200, "train")["nll"] for b in dm.eval_dataloader("train", 30)])
+    assert m["train/nll"] == pytest.approx(nll.double().mean().item(), rel=1e-6)
+    # and not the test images under the training split's seeds
+    wrong = torch.cat([module.evaluate_batch(Batch(dm.splits["test"][i:i + 20], i), 200, "train")["nll"]
+                       for i in (0, 20)])[:30]
+    assert m["train/nll"] != pytest.approx(wrong.double().mean().item(), rel=1e-6)

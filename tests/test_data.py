@@ -658,3 +658,22 @@ def test_real_binarized_mnist(real_bmnist):
         for i, batch in zip(range(3), loader):
             assert batch.x.dtype == torch.float32 and batch.x.is_contiguous() and batch.x.shape == (100, 784)
     assert dm.info()["train_size"] == 50_000
+
+
+def test_eval_dataloader_first_rows_and_fixed_binarization_of_dynamic_training_images():
+    """Training-point evaluation reads the first n rows; under dynamic binarization (grey training images) it sees
+    one fixed binary sample, the same on every call, never the grey values."""
+    dm = DigitsDataModule(binarization="dynamic", eval_batch_size=7)
+    dm.setup()
+    a = torch.cat([b.x for b in dm.eval_dataloader("train", 20)])
+    b = torch.cat([b.x for b in dm.eval_dataloader("train", 20)])
+    assert a.shape == (20, dm.x_dim) and torch.equal(a, b)
+    assert set(a.unique().tolist()) <= {0.0, 1.0}
+    grey = dm.splits["train"][:20]
+    assert not torch.equal(a, grey) and (a - grey).abs().mean() < 0.5  # a Bernoulli sample of those grey rows
+    firsts = [batch.first_index for batch in dm.eval_dataloader("train", 20)]
+    assert firsts == [0, 7, 14]
+    static = DigitsDataModule(binarization="threshold", eval_batch_size=7)
+    assert torch.equal(torch.cat([b.x for b in static.eval_dataloader("train", 9)]), static.splits["train"][:9])
+    with pytest.raises(AmortlabError, match="unknown"):
+        static.eval_dataloader("validation")

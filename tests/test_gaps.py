@@ -86,7 +86,7 @@ def test_gaps_cli_with_flow_posterior_and_ais(tmp_path):
     train("posterior=flow", "logger=none", "trainer.max_epochs=1", "evaluation=gaps", "evaluation.gaps.ais=true",
           "evaluation.ais.n_intermediate=10", "evaluation.ais.n_chains=2", "evaluation.gaps.qstar.max_steps=20",
           "evaluation.gaps.qstar.init=encoder", "trainer.limit_test_batches=1", "dataset.eval_batch_size=20",
-          "importance_samples.test=50", run_dir=tmp_path)
+          "importance_samples.test=50", "evaluation.train_points=30", run_dir=tmp_path)
     m = json.loads((tmp_path / "results.json").read_text())["metrics"]
     for key in ("gap/log_px", "gap/log_px_ais", "gap/L_q", "gap/L_qstar_ffg", "gap/L_qstar_flow",
                 "gap/approximation", "gap/amortization", "gap/inference"):
@@ -94,7 +94,10 @@ def test_gaps_cli_with_flow_posterior_and_ais(tmp_path):
     assert m["test/n_points"] == 20
     assert m["test/gap/inference"] == pytest.approx(m["test/gap/approximation"] + m["test/gap/amortization"])
     assert m["test/nll"] == pytest.approx(-m["test/gap/log_px"])
-    assert "| L[q*_Flow] |" in (tmp_path / "gaps.md").read_text()
+    assert m["train/n_points"] == 30  # the training points: all 30, trainer.limit_test_batches does not apply
+    assert m["train/gap/inference"] == pytest.approx(m["train/gap/approximation"] + m["train/gap/amortization"])
+    table = (tmp_path / "gaps.md").read_text()
+    assert "| L[q*_Flow] |" in table and "test split (20 points" in table and "train split (30 points" in table
 
 
 def test_ffg_qstar_of_a_flow_q_starts_at_its_moments():

@@ -149,6 +149,17 @@ class TensorDataModule(L.LightningDataModule):
         self.setup()
         return TensorLoader(self.splits[split], self.eval_batch_size)
 
+    def eval_dataloader(self, split: str, n: int | None = None) -> TensorLoader:
+        """The first ``n`` rows (all if None) of ``split`` in evaluation batches. Training images under dynamic
+        binarization are grey values; they are evaluated as one fixed, seeded binarization."""
+        self.setup()
+        if split not in self.splits:
+            raise AmortlabError(f"Split {split!r} is unknown; use one of {', '.join(self.splits)}.")
+        x = self.splits[split][:n]
+        if split == "train" and self.binarization == "dynamic":
+            x = self._binarize("train_eval", x, 3).contiguous()
+        return TensorLoader(x, self.eval_batch_size)
+
     def val_dataloader(self) -> TensorLoader:
         return self._eval_loader("val")
 

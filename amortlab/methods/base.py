@@ -63,6 +63,10 @@ def frozen_log_prob(decoder: nn.Module, x: Tensor, z: Tensor) -> Tensor:
     return torch.func.functional_call(_LogProb(decoder), params, (x, z))
 
 
+EVAL_SPLITS = ("val", "test", "train")  # "train": the final evaluation of the first training points (run.py)
+_SPLIT_SEED_OFFSET = {"val": 0, "test": 7_777_777, "train": 3_333_331}
+
+
 def _metric_key(split: str, name: str) -> str:
     return f"{split}_{name}".replace("/", "__")  # ModuleDict keys cannot hold dots; keep them readable
 
@@ -118,8 +122,9 @@ class ELBOModule(L.LightningModule):
         self.prior_weight = 1.0
         self.entropy_weight = 1.0
         self.eval_metric_names = list(EVAL_METRICS)
-        self.metrics = nn.ModuleDict({_metric_key(s, m): ExactMean() for s in ("val", "test") for m in EVAL_METRICS})
+        self.metrics = nn.ModuleDict({_metric_key(s, m): ExactMean() for s in EVAL_SPLITS for m in EVAL_METRICS})
         self.eval_results: dict[str, dict[str, float]] = {}
+        self.test_split = "test"  # the split a test pass reports as ("train" for the training-point evaluation)
         self.run_config: dict[str, Any] | None = None  # resolved Hydra config, stored in checkpoints
 
     def register_eval_metrics(self, *names: str) -> None:
@@ -128,7 +133,7 @@ class ELBOModule(L.LightningModule):
         for name in names:
             if name not in self.eval_metric_names:
                 self.eval_metric_names.append(name)
-                for split in ("val", "test"):
+                for split in EVAL_SPLITS:
                     self.metrics[_metric_key(split, name)] = ExactMean()
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -198,7 +203,7 @@ class ELBOModule(L.LightningModule):
 
     def _eval_generator(self, batch: Batch, split: str) -> torch.Generator:
         g = torch.Generator(device=batch.x.device)
-        g.manual_seed((self.eval_seed * 1_000_003 + (split == "test") * 7_777_777 + batch.first_index) % (2**63))
+        g.manual_seed((self.eval_seed * 1_000_003 + _SPLIT_SEED_OFFSET[split] + batch.first_index) % (2**63))
         return g
 
     @torch.no_grad()
@@ -284,13 +289,13 @@ class ELBOModule(L.LightningModule):
         self._eval_step(batch, "val", self.k_val)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._eval_step(batch, "test", self.k_test)
+        self._eval_step(batch, self.test_split, self.k_test)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
     def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
+        self._eval_epoch_end(self.test_split)
 
     # --- images ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
