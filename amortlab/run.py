@@ -93,6 +93,9 @@ def check_compatible(cfg: DictConfig) -> None:
     if cfg.evaluation.ckpt not in ("best", "last"):
         raise AmortlabError(f"evaluation.ckpt={cfg.evaluation.ckpt!r} is unknown: use 'best' (lowest val/nll) "
                             f"or 'last'.")
+    if int(cfg.evaluation.get("train_points") or 0) < 0:
+        raise AmortlabError(f"evaluation.train_points={cfg.evaluation.train_points} must be >= 0 (the number of "
+                            f"training images to evaluate after the test split; 0 = none).")
     encoder = str(OmegaConf.select(cfg, "model.encoder._target_", default="") or "")
     if cfg.evaluation.estimator == "iw_svi" and encoder.endswith("FlowEncoder"):
         raise AmortlabError("evaluation=iw_svi refines a Gaussian q per point, but posterior=flow gives a flow q. "
@@ -248,8 +251,6 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
 def evaluate_training_points(trainer: L.Trainer, module, dm, n: int, ckpt: str | None) -> dict[str, float]:
     """The final evaluation of the first ``n`` training images (keys ``train/...``), beside the test split's:
     the same estimator, k and seeds; ``trainer.limit_test_batches`` does not apply (``n`` says how many)."""
-    if n < 0:
-        raise AmortlabError(f"evaluation.train_points={n} must be >= 0 (0 = no training-point evaluation).")
     module.test_split, limit = "train", trainer.limit_test_batches
     trainer.limit_test_batches = 1.0
     try:

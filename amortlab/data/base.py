@@ -145,10 +145,6 @@ class TensorDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return trainer.current_epoch if trainer is not None else None
 
-    def _eval_loader(self, split: str) -> TensorLoader:
-        self.setup()
-        return TensorLoader(self.splits[split], self.eval_batch_size)
-
     def eval_dataloader(self, split: str, n: int | None = None) -> TensorLoader:
         """The first ``n`` rows (all if None) of ``split`` in evaluation batches. Training images under dynamic
         binarization are grey values; they are evaluated as one fixed, seeded binarization."""
@@ -161,7 +157,7 @@ class TensorDataModule(L.LightningDataModule):
         return TensorLoader(x, self.eval_batch_size)
 
     def val_dataloader(self) -> TensorLoader:
-        return self._eval_loader("val")
+        return self.eval_dataloader("val")
 
     def test_dataloader(self) -> TensorLoader:
-        return self._eval_loader("test")
+        return self.eval_dataloader("test")
