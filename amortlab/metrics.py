@@ -32,3 +32,41 @@ class ExactMean(Metric):
         out = super()._apply(fn, *args, **kwargs)
         self.total, self.count = self.total.double(), self.count.double()
         return out
+
+
+class ActiveUnits(Metric):
+    """Active latent units (Burda et al. 2016): A_u = Cov_x(E_{q(z|x)}[z_u]), unit u active if A_u > 0.01.
+
+    ``update(z_mean)`` takes the posterior means ``[B, Z]`` of a batch; float64 sums of z and z^2 per unit are
+    reduced over batches and DDP ranks by summation, so the count is that of the whole split on any world size.
+    ``compute()`` returns the number of active units; ``variances()`` the per-unit A_u ``[Z]``.
+    """
+
+    full_state_update = False
+    threshold = 0.01
+
+    def __init__(self, z_dim: int, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("total", torch.zeros(z_dim, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total_sq", torch.zeros(z_dim, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, z_mean: Tensor) -> None:
+        m = z_mean.detach().double().reshape(-1, z_mean.shape[-1])
+        self.total = self.total.double() + m.sum(0)
+        self.total_sq = self.total_sq.double() + m.pow(2).sum(0)
+        self.count = self.count.double() + m.shape[0]
+
+    def variances(self) -> Tensor:
+        """Unbiased per-unit variance of the posterior means over the points seen, ``[Z]``."""
+        n = self.count
+        mean = self.total / n
+        return ((self.total_sq - n * mean.pow(2)) / (n - 1).clamp_min(1)).clamp_min(0)
+
+    def compute(self) -> Tensor:
+        return (self.variances() > self.threshold).sum()
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self.total, self.total_sq, self.count = self.total.double(), self.total_sq.double(), self.count.double()
+        return out

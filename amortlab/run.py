@@ -275,13 +275,16 @@ def summary(results: dict[str, Any], path: Path) -> str:
         "",
         f"amortlab | {' '.join(results['tags'])} | data:{d['name']} ({d['train_size']}/{d['val_size']}/"
         f"{d['test_size']}, {d['binarization']})",
-        f"{'split':<6}{name + ' [n]':>26}{'-ELBO':>10}{'inf. gap':>10}" + (f"{'NLL (IWAE)':>12}" if est != "iwae" else ""),
+        f"{'split':<6}{name + ' [n]':>26}{'-ELBO':>10}{'inf. gap':>10}{'AU':>5}"
+        + (f"{'NLL (IWAE)':>12}" if est != "iwae" else ""),
     ]
     for split in ("val", "test", "train"):
         n = m.get(f"{split}/n_points")
         if split == "train" and n is None:
             continue
-        row = f"{split:<6}{f(split + '/nll') + (f' [{n}]' if n is not None else ''):>26}{f(split + '/neg_elbo')}{f(split + '/inference_gap')}"
+        au = m.get(f"{split}/active_units", "-")
+        row = (f"{split:<6}{f(split + '/nll') + (f' [{n}]' if n is not None else ''):>26}{f(split + '/neg_elbo')}"
+               f"{f(split + '/inference_gap')}{au:>5}")
         lines.append(row + (f"  {f(split + '/nll_iwae')}" if est != "iwae" else ""))
     lines += [
         f"time: fit {t.get('fit_s', 0):.1f}s ({t.get('train_images_per_s') or 0:.0f} img/s), "

@@ -107,3 +107,54 @@ def test_output_bias_initialised_to_data_logit():
     dec.init_output_bias(torch.tensor([0.5, 0.1, 0.0, 1.0]))
     p = torch.sigmoid(dec.output_layer.bias)
     torch.testing.assert_close(p, torch.tensor([0.5, 0.1, 1e-3, 1 - 1e-3]), atol=1e-6, rtol=0)
+
+
+def test_active_units_are_the_covariance_of_posterior_means_over_the_split():
+    from amortlab.metrics import ActiveUnits
+
+    g = torch.Generator().manual_seed(0)
+    # units: three of std 1, one of std 0.05 (A_u = 0.0025: inactive), one constant, one of std 0.2 (0.04: active)
+    means = torch.randn(300, 6, generator=g, dtype=torch.float64) * torch.tensor([1, 1, 1, 0.05, 0, 0.2]) + 3.0
+    m = ActiveUnits(6)
+    m.to(torch.float32)  # the precision plugin's cast must not reduce the float64 sums
+    m.reset()
+    for chunk in means.split(70):  # batches of unequal size
+        m.update(chunk)
+    torch.testing.assert_close(m.variances(), means.var(0), atol=1e-12, rtol=1e-12)
+    assert int(m.compute()) == 4
+
+
+def test_active_units_of_a_linear_gaussian_model_match_the_closed_form():
+    """p(z) = N(0, I), x | z ~ N(W z + b, s^2 I) with orthogonal columns of norm c_u: the exact posterior mean of unit
+    u has Cov_x E[z_u | x] = 1 - S_uu = c_u^2 / (c_u^2 + s^2) (law of total variance) -- 0.89, 0.67 and, for
+    c = 0.05, s = 0.7, 0.0051 < 0.01: two active units."""
+    from amortlab.distributions import posterior_mean
+    from amortlab.metrics import ActiveUnits
+    from tests.test_estimators import X_DIM, Z_DIM, data, linear_model
+
+    m = linear_model(noise_std=0.7)
+    scales = torch.tensor([2.0, 1.0, 0.05], dtype=torch.float64)
+    with torch.no_grad():
+        Q, _ = torch.linalg.qr(torch.randn(X_DIM, Z_DIM, dtype=torch.float64))
+        m.decoder.W.copy_(Q * scales)
+        m.encoder.set_exact(m.decoder)
+    torch.manual_seed(1)
+    x = data(m, 20_000)
+    au = ActiveUnits(Z_DIM)
+    au.update(posterior_mean(m.infer(x)))
+    expected = scales**2 / (scales**2 + 0.7**2)
+    torch.testing.assert_close(au.variances(), expected, rtol=0.05, atol=5e-4)
+    assert int(au.compute()) == 2
+
+
+def test_posterior_mean_of_a_mixture_is_the_weighted_component_mean():
+    from amortlab.distributions import DiagGaussian, MixtureGaussian, posterior_mean
+
+    g = torch.Generator().manual_seed(0)
+    comps = [DiagGaussian(torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g) * 0.3) for _ in range(3)]
+    q = MixtureGaussian.from_components(comps, [0.5, 0.3, 0.2])
+    exact = posterior_mean(q)
+    torch.testing.assert_close(exact, 0.5 * comps[0].mu + 0.3 * comps[1].mu + 0.2 * comps[2].mu)
+    mc = q.rsample(200_000, g).mean(0)  # the sampler agrees with the closed form (MC error ~ 3e-3)
+    torch.testing.assert_close(mc, exact, atol=0.02, rtol=0)
+    assert torch.equal(posterior_mean(comps[0]), comps[0].mu)

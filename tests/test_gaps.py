@@ -96,7 +96,10 @@ def test_gaps_cli_with_flow_posterior_and_ais(tmp_path):
     assert m["test/nll"] == pytest.approx(-m["test/gap/log_px"])
     assert m["train/n_points"] == 30  # the training points: all 30, trainer.limit_test_batches does not apply
     assert m["train/gap/inference"] == pytest.approx(m["train/gap/approximation"] + m["train/gap/amortization"])
+    for split in ("test", "train"):  # the flow q's active units (Monte Carlo posterior means), in the table too
+        assert isinstance(m[f"{split}/active_units"], int) and 0 <= m[f"{split}/active_units"] <= 50
     table = (tmp_path / "gaps.md").read_text()
+    assert f"| Active units | {m['test/active_units']} |" in table
     assert "| L[q*_Flow] |" in table and "test split (20 points" in table and "train split (30 points" in table
 
 

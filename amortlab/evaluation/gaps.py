@@ -132,7 +132,7 @@ def _reference(estimates: list[Tensor]) -> Tensor:
 
 TABLE_ROWS = (("log p̂(x)", "gap/log_px"), ("L[q*_Flow]", "gap/L_qstar_flow"), ("L[q*_FFG]", "gap/L_qstar_ffg"),
               ("L[q]", "gap/L_q"), ("Approximation", "gap/approximation"), ("Amortization", "gap/amortization"),
-              ("Inference", "gap/inference"))
+              ("Inference", "gap/inference"), ("Active units", "active_units"))
 
 
 def gap_table(columns: dict[str, dict[str, float]], split: str = "test") -> str:
@@ -143,6 +143,9 @@ def gap_table(columns: dict[str, dict[str, float]], split: str = "test") -> str:
         cells = []
         for name in names:
             v = columns[name].get(f"{split}/{key}")
-            cells.append(f"{v:.2f}" if isinstance(v, float) else "–")
+            if not isinstance(v, (int, float)):
+                cells.append("–")
+            else:
+                cells.append(f"{v:g}" if key == "active_units" else f"{v:.2f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -9,7 +9,8 @@ made) and, where it must, ``training_loss``. Training minimises
 with optional annealing weights on log p(z) and log q (see ``objectives.log_weights``). Evaluation reports, per
 split, exact means over the whole split (torchmetrics, so DDP equals one process):
 ``nll`` = -IWAE-k estimate of log p(x), ``neg_elbo`` = -L_1[q] (from the same k samples) and
-``inference_gap`` = neg_elbo - nll. Evaluation noise is seeded per batch from the batch's position in the split,
+``inference_gap`` = neg_elbo - nll, and ``active_units`` (Burda et al.: units u with Cov_x E_q[z_u] > 0.01, q the
+method's evaluation-time q). Evaluation noise is seeded per batch from the batch's position in the split,
 so a number does not depend on the world size or on what ran before.
 """
 from __future__ import annotations
@@ -22,14 +23,14 @@ import torch
 from torch import Tensor, nn
 
 from amortlab.data.loader import Batch
-from amortlab.distributions import DiagGaussian
+from amortlab.distributions import DiagGaussian, posterior_mean
 from amortlab.errors import AmortlabError, NonFiniteLossError
 from amortlab.evaluation import chunk_size, iwae_estimate
 from amortlab.evaluation.ais import AISConfig, ais_log_likelihood
 from amortlab.evaluation.gaps import GapsConfig, decompose
 from amortlab.evaluation.iw_svi import SVIConfig, refine
 from amortlab.evaluation.qstar import QStarConfig
-from amortlab.metrics import ExactMean
+from amortlab.metrics import ActiveUnits, ExactMean
 from amortlab.objectives import k_sample_bound, log_weights, std_normal_log_prob
 from amortlab.regularizers import EncoderRegularizer
 
@@ -123,6 +124,7 @@ class ELBOModule(L.LightningModule):
         self.entropy_weight = 1.0
         self.eval_metric_names = list(EVAL_METRICS)
         self.metrics = nn.ModuleDict({_metric_key(s, m): ExactMean() for s in EVAL_SPLITS for m in EVAL_METRICS})
+        self.active_units = nn.ModuleDict({f"{s}_units": ActiveUnits(self.z_dim) for s in EVAL_SPLITS})
         self.eval_results: dict[str, dict[str, float]] = {}
         self.test_split = "test"  # the split a test pass reports as ("train" for the training-point evaluation)
         self.run_config: dict[str, Any] | None = None  # resolved Hydra config, stored in checkpoints
@@ -214,6 +216,7 @@ class ELBOModule(L.LightningModule):
         ``nll_iwae`` = -IWAE-k from the amortized q and ``neg_elbo`` = -ELBO of that q (same samples). With the
         ``iw_svi`` estimator q is then refined per point (decoder frozen) and ``nll`` = -IWAE-k from the refined q;
         otherwise ``nll`` = ``nll_iwae``. ``inference_gap`` = neg_elbo - nll (against the clean amortized ELBO).
+        ``z_mean`` ``[B, Z]`` is E_q[z] of that (amortized or method-refined) q, for the active-unit count.
         """
         x = batch.x
         gen = self._eval_generator(batch, split)
@@ -250,6 +253,8 @@ class ELBOModule(L.LightningModule):
             out["neg_elbo_refined"] = -elbo_ref
         out["nll"] = -log_px
         out["inference_gap"] = out["neg_elbo"] - out["nll"]
+        # a fresh generator, so the numbers above keep their noise stream
+        out["z_mean"] = posterior_mean(q, self._eval_generator(batch, split))
         return out
 
     def infer_for_eval(self, x: Tensor, diagnostics: dict[str, Any] | None = None,
@@ -267,7 +272,9 @@ class ELBOModule(L.LightningModule):
     def _eval_step(self, batch: Batch, split: str, k: int) -> None:
         # per-epoch validation during training always uses the cheap IWAE estimate
         estimator = self.estimator if self.final_evaluation else "iwae"
-        for name, values in self.evaluate_batch(batch, k, split, estimator).items():
+        out = self.evaluate_batch(batch, k, split, estimator)
+        self.active_units[f"{split}_units"].update(out.pop("z_mean"))
+        for name, values in out.items():
             self.metrics[_metric_key(split, name)].update(values)
 
     def _eval_epoch_end(self, split: str) -> None:
@@ -281,6 +288,10 @@ class ELBOModule(L.LightningModule):
                 if name == "nll":
                     out[f"{split}/n_points"] = int(metric.count)  # all ranks; < split size with limit_*_batches
             metric.reset()
+        units = self.active_units[f"{split}_units"]
+        if units.update_count:
+            out[f"{split}/active_units"] = int(units.compute())
+            units.reset()
         self.eval_results[split] = out
         if not self.trainer.sanity_checking:
             self.log_dict(out, sync_dist=False)
