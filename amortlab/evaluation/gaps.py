@@ -24,7 +24,6 @@ from amortlab.evaluation.estimators import chunk_size, iwae_estimate
 from amortlab.evaluation.qstar import QStarConfig, optimize_local
 
 FAMILIES = ("ffg", "flow")
-MOMENT_SAMPLES = 256  # samples of a flow q whose mean / variance start q*_FFG (init=encoder)
 
 
 @dataclass
@@ -49,6 +48,7 @@ def local_family(name: str, n: int, z_dim: int, q0, cfg: GapsConfig, like: Tenso
     """A per-point family for ``n`` points (dtype and device of ``like``), at the prior or at the encoder's q (for
     q*_FFG of a flow q: the Gaussian with the flow's sample mean and variance)."""
     from amortlab.distributions.flow import LocalFlow, LocalGaussian
+    from amortlab.distributions.moments import sampled_moments
 
     from_encoder = cfg.qstar.init == "encoder"
     if name == "flow" and from_encoder and q_family(q0) == "flow":
@@ -57,9 +57,8 @@ def local_family(name: str, n: int, z_dim: int, q0, cfg: GapsConfig, like: Tenso
     if from_encoder and hasattr(q0, "logvar"):
         init.update(init_mu=q0.mu.detach(), init_logvar=q0.logvar.detach())
     elif from_encoder:  # a q without Gaussian parameters (a flow): start at its moment-matched Gaussian
-        with torch.no_grad():
-            z = q0.rsample(MOMENT_SAMPLES)  # [S, n, Z]
-        init.update(init_mu=z.mean(0), init_logvar=z.var(0).clamp_min(1e-8).log())
+        mean, var = sampled_moments(q0)
+        init.update(init_mu=mean, init_logvar=var.clamp_min(1e-8).log())
     if name == "ffg":
         return LocalGaussian(n, z_dim, **init)
     return LocalFlow(n, z_dim, hidden=cfg.flow.hidden, steps=cfg.flow.steps, **init)
