@@ -1,4 +1,4 @@
-"""Moments of any variational family: E_q[z] and Var_q[z], each ``[B, Z]`` (active units; q*_FFG started at a flow q)."""
+"""Moments of any variational family: E_q[z], Var_q[z] ``[B, Z]`` (active units; q*_FFG started at a flow q)."""
 from __future__ import annotations
 
 import torch
