@@ -3,7 +3,7 @@
     z_0 ~ N(mu_z, diag sigma_z^2) [B, Z],   v_0 ~ N(mu_v, diag sigma_v^2) [B, V]      (local, the "base")
     step t = 1..T:   v <- v * s(a_t(z)) + m_t(z)        (a_t, m_t: z -> v)
                      z <- z * s(b_t(v)) + m'_t(v)       (b_t, m'_t: v -> z)
-    reverse model    r(v_T | z_T) = N(v_T; mean(z_T), diag exp(logvar(z_T)))
+    reverse model    r(v_T | x, z_T) = N(v_T; mean(z_T, c(x)), diag exp(logvar(z_T, c(x))))
 
 s = sigmoid. Each half-step is triangular, so log|det J_t| = sum log s(a_t) + sum log s(b_t), with
 log s(a) = a - softplus(a) (``F.logsigmoid``; never log of a rounded sigmoid). In the log-weights the quantity
@@ -11,7 +11,11 @@ log s(a) = a - softplus(a) (``F.logsigmoid``; never log of a rounded sigmoid). I
     log q~ = log q(z_0) + log q(v_0) - sum_t log|det J_t| - log r(v_T | z_T)
 
 takes the place of log q(z), so log w = log p(x, z_T) - log q~ and E[w] = p(x): every k-sample bound is still a lower
-bound on log p(x) (the auxiliary-variable bound; its gap adds KL(q(v_T | z_T) || r(v_T | z_T)) to the usual one).
+bound on log p(x) (the auxiliary-variable bound; its gap adds E KL(q(v_T | x, z_T) || r(v_T | x, z_T)) to the usual
+one). As in Cremer et al.'s bound, r sees x through a context vector c(x) ``[B, C]`` (the encoder trunk's features):
+an r of z_T alone would leave a flow-trained model a permanent E_x KL(q(v_T | z_T, x) || r(v_T | z_T)) that no
+amount of training removes. A per-point family (``LocalFlow``) is a function of its one x already; a copy of an
+amortized flow (``LocalFlow.from_posterior``) keeps that point's c(x) as a fixed input.
 
 Everything is samples first: z_T ``[k, B, Z]``, log q~ ``[k, B]``.
 
@@ -34,6 +38,10 @@ from torch import Tensor, nn
 from amortlab.distributions.gaussian import DiagGaussian
 from amortlab.objectives import LOG_2PI
 
+# the flow family's default shape: the amortized FlowEncoder's, and q*_Flow's unless an encoder flow sets it
+DEFAULT_FLOW_HIDDEN = 100
+DEFAULT_FLOW_STEPS = 2
+
 
 # --- layers -------------------------------------------------------------------------------------------------------
 class Dense(nn.Module):
@@ -42,19 +50,22 @@ class Dense(nn.Module):
     ``n_points=None``: ``weight`` ``[out, in]``, ``bias`` ``[out]``; input ``[..., in]`` (like ``nn.Linear``).
     ``n_points=n``: ``weight`` ``[n, out, in]``, ``bias`` ``[n, out]``; input ``[k, n, in]`` (samples first), row
     ``[:, i]`` is mapped with point i's weights only (``baddbmm`` over the point dimension).
-    Initialised like ``nn.Linear`` (U(-1/sqrt(in), 1/sqrt(in)), independently per point).
+    Initialised like ``nn.Linear`` (U(-1/sqrt(in), 1/sqrt(in)), independently per point; from ``generator`` when
+    given, so a per-point family made inside an evaluation is reproducible).
     It is deliberately not an ``nn.Linear``: the encoder regularizers (weight norm, spectral norm) constrain the
     encoder's x -> parameters map, not the global flow nets.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, n_points: int | None = None, dtype=None, device=None):
+    def __init__(self, in_dim: int, out_dim: int, n_points: int | None = None, dtype=None, device=None,
+                 generator: torch.Generator | None = None):
         super().__init__()
         self.in_dim, self.out_dim, self.n_points = in_dim, out_dim, n_points
         lead = () if n_points is None else (n_points,)
         bound = 1.0 / math.sqrt(in_dim)
         kw = {"dtype": dtype, "device": device}
-        self.weight = nn.Parameter(torch.empty(*lead, out_dim, in_dim, **kw).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(*lead, out_dim, **kw).uniform_(-bound, bound))
+        self.weight = nn.Parameter(torch.empty(*lead, out_dim, in_dim, **kw).uniform_(-bound, bound,
+                                                                                       generator=generator))
+        self.bias = nn.Parameter(torch.empty(*lead, out_dim, **kw).uniform_(-bound, bound, generator=generator))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.n_points is None:
@@ -83,13 +94,13 @@ class SmallMLP(nn.Sequential):
 
     def __init__(self, in_dim: int, hidden: int | Sequence[int], out_dim: int, act: str = "tanh",
                  n_points: int | None = None, init_scale: float = 1e-2, out_bias: Tensor | None = None,
-                 dtype=None, device=None):
+                 dtype=None, device=None, generator: torch.Generator | None = None):
         from amortlab.nets.mlp import activation  # lazy: amortlab.nets imports amortlab.distributions
 
         dims, layers = [in_dim, *_hidden_list(hidden)], []
         for a, b in zip(dims[:-1], dims[1:]):
-            layers += [Dense(a, b, n_points, dtype, device), activation(act)()]
-        out = Dense(dims[-1], out_dim, n_points, dtype, device)
+            layers += [Dense(a, b, n_points, dtype, device, generator), activation(act)()]
+        out = Dense(dims[-1], out_dim, n_points, dtype, device, generator)
         with torch.no_grad():
             out.weight.mul_(init_scale)
             if out_bias is None:
@@ -116,7 +127,7 @@ class CouplingFlow(nn.Module):
 
     def __init__(self, z_dim: int, v_dim: int | None = None, hidden: int | Sequence[int] = 100, steps: int = 2,
                  activation: str = "tanh", n_points: int | None = None, gate_bias: float = 2.0,
-                 init_scale: float = 1e-2, dtype=None, device=None):
+                 init_scale: float = 1e-2, dtype=None, device=None, generator: torch.Generator | None = None):
         super().__init__()
         v_dim = z_dim if v_dim is None else int(v_dim)
         if steps < 1 or z_dim < 1 or v_dim < 1:
@@ -128,7 +139,7 @@ class CouplingFlow(nn.Module):
             lead = () if n_points is None else (n_points,)
             bias = torch.cat([torch.full((o,), float(gate_bias), dtype=torch.float64),
                               torch.zeros(o, dtype=torch.float64)]).expand(*lead, 2 * o)
-            return SmallMLP(i, hidden, 2 * o, activation, n_points, init_scale, bias, dtype, device)
+            return SmallMLP(i, hidden, 2 * o, activation, n_points, init_scale, bias, dtype, device, generator)
 
         self.z_to_v = nn.ModuleList([net(z_dim, v_dim) for _ in range(steps)])  # a_t, m_t
         self.v_to_z = nn.ModuleList([net(v_dim, z_dim) for _ in range(steps)])  # b_t, m'_t
@@ -172,28 +183,35 @@ class _Inverse(nn.Module):
 
 
 class GaussianReverse(nn.Module):
-    """r(v | z) = N(v; mean(z), diag exp(logvar(z))) from an MLP of z; ``log_prob(v [k,B,V], z [k,B,Z]) -> [k,B]``.
+    """r(v | x, z) = N(v; mean(z, c), diag exp(logvar(z, c))) from an MLP of [z, c], c ``[B, C]`` a context vector of x
+    (``context_dim`` = C; 0: r(v | z)); ``log_prob(v [k,B,V], z [k,B,Z], c [B,C] | None) -> [k,B]``.
 
     Starts near the constant N(0, exp(``logvar_bias``)) (output weights scaled by ``init_scale``).
     """
 
     def __init__(self, z_dim: int, v_dim: int | None = None, hidden: int | Sequence[int] = 100,
                  activation: str = "tanh", n_points: int | None = None, init_scale: float = 1e-2,
-                 logvar_bias: float = 0.0, dtype=None, device=None):
+                 logvar_bias: float = 0.0, dtype=None, device=None, context_dim: int = 0,
+                 generator: torch.Generator | None = None):
         super().__init__()
         v_dim = z_dim if v_dim is None else int(v_dim)
-        self.z_dim, self.v_dim, self.n_points = z_dim, v_dim, n_points
+        self.z_dim, self.v_dim, self.n_points, self.context_dim = z_dim, v_dim, n_points, int(context_dim)
         lead = () if n_points is None else (n_points,)
         bias = torch.cat([torch.zeros(v_dim, dtype=torch.float64),
                           torch.full((v_dim,), float(logvar_bias), dtype=torch.float64)]).expand(*lead, 2 * v_dim)
-        self.net = SmallMLP(z_dim, hidden, 2 * v_dim, activation, n_points, init_scale, bias, dtype, device)
+        self.net = SmallMLP(z_dim + self.context_dim, hidden, 2 * v_dim, activation, n_points, init_scale, bias,
+                            dtype, device, generator)
 
-    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if self.context_dim:
+            if context is None:
+                raise ValueError(f"this reverse model r(v | x, z) needs the context c(x) [B, {self.context_dim}]")
+            z = torch.cat([z, context.expand(*z.shape[:-1], self.context_dim)], dim=-1)
         mean, logvar = self.net(z).chunk(2, dim=-1)
         return mean, logvar
 
-    def log_prob(self, v: Tensor, z: Tensor) -> Tensor:
-        mean, logvar = self(z)
+    def log_prob(self, v: Tensor, z: Tensor, context: Tensor | None = None) -> Tensor:
+        mean, logvar = self(z, context)
         return -0.5 * ((v - mean).pow(2) * torch.exp(-logvar) + logvar + LOG_2PI).sum(-1)
 
 
@@ -201,7 +219,8 @@ class GaussianReverse(nn.Module):
 @dataclass
 class AuxFlowPosterior:
     """q~(z_T, v_T) for a batch: base ``mu_z``, ``logvar_z`` ``[B, Z]``, ``mu_v``, ``logvar_v`` ``[B, V]``, the
-    ``flow`` (``CouplingFlow``, shared or per point) and the ``reverse`` model r(v | z).
+    ``flow`` (``CouplingFlow``, shared or per point), the ``reverse`` model r(v | x, z) and its ``context`` c(x)
+    ``[B, C]`` (None for an r of z alone).
 
     Same interface as ``DiagGaussian`` where the bound needs it: ``rsample_with_log_prob(k, generator)`` returns
     z_T ``[k, B, Z]`` and log q~ ``[k, B]`` (the auxiliary-variable term used in place of log q(z)). There is no
@@ -214,6 +233,7 @@ class AuxFlowPosterior:
     logvar_v: Tensor
     flow: CouplingFlow
     reverse: GaussianReverse
+    context: Tensor | None = None
     family: ClassVar[str] = "flow"
 
     @property
@@ -245,7 +265,7 @@ class AuxFlowPosterior:
         v0 = self.mu_v + torch.exp(0.5 * self.logvar_v) * ev
         log_q0 = -0.5 * ((ez.pow(2) + self.logvar_z + LOG_2PI).sum(-1) + (ev.pow(2) + self.logvar_v + LOG_2PI).sum(-1))
         z, v, logdet = self.flow(z0, v0)
-        log_r = self.reverse.log_prob(v, z)
+        log_r = self.reverse.log_prob(v, z, self.context)
         log_q = log_q0 - logdet - log_r
         if return_aux:
             return z, log_q, {"v": v, "logdet": logdet, "log_r": log_r, "log_q0": log_q0}
@@ -275,7 +295,7 @@ class AuxFlowPosterior:
         z0s, v0s, logdet = torch.func.functional_call(_Inverse(self.flow), stopped, (z, v))
         log_q0 = (DiagGaussian(self.mu_z.detach(), self.logvar_z.detach()).log_prob(z0s)
                   + DiagGaussian(self.mu_v.detach(), self.logvar_v.detach()).log_prob(v0s))
-        return z, log_q0 - logdet - self.reverse.log_prob(v, z)
+        return z, log_q0 - logdet - self.reverse.log_prob(v, z, self.context)
 
     def rsample(self, k: int = 1, generator: torch.Generator | None = None) -> Tensor:
         return self.rsample_with_log_prob(k, generator)[0]
@@ -335,18 +355,22 @@ class LocalFlow(nn.Module):
 
     family = "flow"
 
-    def __init__(self, n_points: int, z_dim: int, v_dim: int | None = None, hidden: int | Sequence[int] = 50,
-                 steps: int = 2, init_mu: Tensor | None = None, init_logvar: Tensor | None = None,
+    def __init__(self, n_points: int, z_dim: int, v_dim: int | None = None,
+                 hidden: int | Sequence[int] = DEFAULT_FLOW_HIDDEN, steps: int = DEFAULT_FLOW_STEPS, init_mu: Tensor | None = None, init_logvar: Tensor | None = None,
                  activation: str = "tanh", gate_bias: float = 2.0, init_scale: float = 1e-2, dtype=None,
-                 device=None):
+                 device=None, context: Tensor | None = None, generator: torch.Generator | None = None):
         super().__init__()
         v_dim = z_dim if v_dim is None else int(v_dim)
         self.n_points, self.z_dim, self.v_dim = n_points, z_dim, v_dim
         mu, logvar = _init_base(n_points, z_dim, init_mu, init_logvar, dtype, device)
         kw = {"dtype": mu.dtype, "device": mu.device}
-        self.flow = CouplingFlow(z_dim, v_dim, hidden, steps, activation, n_points, gate_bias, init_scale, **kw)
+        self.flow = CouplingFlow(z_dim, v_dim, hidden, steps, activation, n_points, gate_bias, init_scale, **kw,
+                                 generator=generator)
         log_c = self.flow.log_scale_at_init
-        self.reverse = GaussianReverse(z_dim, v_dim, hidden, activation, n_points, init_scale, 2 * log_c, **kw)
+        # a fixed per-point input of r (the amortized r's context c(x), see ``from_posterior``); not a parameter
+        self.register_buffer("context", None if context is None else context.detach().to(**kw, copy=True))
+        self.reverse = GaussianReverse(z_dim, v_dim, hidden, activation, n_points, init_scale, 2 * log_c, **kw,
+                                       context_dim=0 if context is None else context.shape[-1], generator=generator)
         self.mu_z = nn.Parameter(mu * math.exp(-log_c))
         self.logvar_z = nn.Parameter(logvar - 2 * log_c)
         self.mu_v = nn.Parameter(torch.zeros(n_points, v_dim, **kw))
@@ -354,14 +378,15 @@ class LocalFlow(nn.Module):
 
     @classmethod
     def from_posterior(cls, q: AuxFlowPosterior) -> LocalFlow:
-        """A per-point copy of an amortized flow posterior: each point starts from its own base parameters and a
-        copy of the shared flow and reverse nets (the q* flow initialised at the encoder's q)."""
+        """A per-point copy of an amortized flow posterior: each point starts from its own base parameters, a copy
+        of the shared flow and reverse nets, and its own context c(x) as r's fixed input (the q* flow initialised at
+        the encoder's q: the same family, the same q~ at the start)."""
         f = q.flow
         if f.n_points is not None:
             raise ValueError("from_posterior takes a posterior with shared (amortized) flow nets")
         n = q.mu_z.shape[0]
         local = cls(n, f.z_dim, f.v_dim, f.hidden, f.steps, init_mu=q.mu_z.detach(), activation=f.activation,
-                    gate_bias=f.gate_bias, init_scale=f.init_scale)
+                    gate_bias=f.gate_bias, init_scale=f.init_scale, context=q.context)
         with torch.no_grad():
             for dst, src in ((local.flow, f), (local.reverse, q.reverse)):
                 for (name, p), (name2, s) in zip(dst.named_parameters(), src.named_parameters(), strict=True):
@@ -372,4 +397,5 @@ class LocalFlow(nn.Module):
         return local
 
     def forward(self) -> AuxFlowPosterior:
-        return AuxFlowPosterior(self.mu_z, self.logvar_z, self.mu_v, self.logvar_v, self.flow, self.reverse)
+        return AuxFlowPosterior(self.mu_z, self.logvar_z, self.mu_v, self.logvar_v, self.flow, self.reverse,
+                                self.context)

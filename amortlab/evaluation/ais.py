@@ -18,8 +18,9 @@ jitter cut the spread of the log-weights by a quarter). Then E[w] = p(x), so
 
     log p_hat(x) = log (1/C) sum_c w_c
 
-is an unbiased estimate of p(x) and, by Jensen, a stochastic lower bound on log p(x) in expectation (like IWAE-k,
-but its gap shrinks with T, not only with C). Log-weights are accumulated in float64.
+is an unbiased estimate of p(x) (E[p_hat] = p(x)) and log p_hat is a stochastic lower bound on log p(x): by Jensen,
+E[log p_hat] <= log p(x) (like IWAE-k, but its gap shrinks with T, not only with C). Log-weights are accumulated in
+float64.
 
 Schedules (``AISConfig.schedule``): ``linear`` beta_t = t / T, or ``sigmoid`` (Grosse et al. 2015; Wu et al. 2017)
 
@@ -28,14 +29,14 @@ Schedules (``AISConfig.schedule``): ``linear`` beta_t = t / T, or ``sigmoid`` (G
 which spends more of the T steps near beta = 0 (where log p(x | z) of prior samples is hundreds of nats and the
 weight increments are large) and near beta = 1.
 
-Step size: one eps per datapoint, shared by its C chains. With ``adapt`` it is multiplied by (1 + adapt_rate) after
-a transition whose acceptance fraction over the point's chains exceeds ``target_accept`` and by (1 - adapt_rate)
-otherwise, clamped to [min_step_size, max_step_size] (as common AIS implementations for VAEs do, e.g. Wu et al. 2017).
-eps_t depends only on the past, and each K_t leaves f_t invariant for its eps; strictly, because eps_t is a function
-of the previous states (through their acceptances) the unbiasedness argument no longer holds exactly, but pooling over
-C chains and the small multiplicative rate make the effect negligible in practice (on the linear-Gaussian tests the
-mean signed error against the exact log p(x) is within +-0.01 nat). ``adapt=False`` (a fixed eps) is the textbook,
-exactly unbiased AIS.
+Step size: one eps_t per datapoint and transition, shared by its C chains. With ``adapt`` (the default) it is tuned in
+a *pilot* run of ``pilot_chains`` chains whose states and weights are discarded: there eps is multiplied by
+(1 + adapt_rate) after a transition whose acceptance fraction over the point's chains exceeds ``target_accept`` and by
+(1 - adapt_rate) otherwise, clamped to [min_step_size, max_step_size] (as common AIS implementations for VAEs do, e.g.
+Wu et al. 2017). The recorded schedule eps_1..eps_T is then frozen and the reported run is textbook AIS with it: every
+K_t is fixed before the run starts (independent of its chains), so E[p_hat] = p(x) holds exactly. (Adapting inside the
+reported run, from acceptances pooled over the same chains, makes eps_t depend on the chains' past and breaks that
+argument.) ``adapt=False`` uses ``init_step_size`` throughout, without a pilot.
 
 Everything is batched: tensors are ``[C, B, Z]`` (chains first, like samples everywhere in amortlab); the only
 Python loops are over the T transitions and the leapfrog steps. Gradients of log p(x | z) with respect to z come
@@ -66,7 +67,9 @@ class AISConfig:
     784-200-200-50 model on CPU (bench/ais.py), while the log-mean-exp over chains removes most of the remaining
     variance. Published reference numbers use more chains and/or steps: raise them for a final table. The step size
     starts at 0.05 and adapts per point towards an acceptance rate of 0.65 (about optimal for HMC; Neal 2011) by a
-    factor 1.02 / 0.98 per transition (it can grow or shrink ~20x within 150 transitions), jittered by +-20%.
+    factor 1.02 / 0.98 per transition (it can grow or shrink ~20x within 150 transitions), jittered by +-20%; the
+    adaptation runs in a pilot of ``pilot_chains`` chains that is discarded (module docstring), which adds
+    pilot_chains / n_chains to the cost.
     """
 
     n_intermediate: int = 500      # T: number of annealing steps (HMC transitions); beta_0 = 0 ... beta_T = 1
@@ -74,7 +77,8 @@ class AISConfig:
     n_leapfrog: int = 10           # leapfrog steps per HMC transition
     init_step_size: float = 0.05   # initial leapfrog step size (per datapoint)
     target_accept: float = 0.65    # step-size adaptation target (acceptance fraction over a point's chains)
-    adapt: bool = True             # adapt the step size during the run (False: fixed step, textbook AIS)
+    adapt: bool = True             # tune the step-size schedule in a discarded pilot run (False: fixed step)
+    pilot_chains: int = 4          # chains of the pilot run (adapt=True); its states and weights are discarded
     adapt_rate: float = 0.02       # multiplicative step: eps *= 1 + rate (above target) or 1 - rate (below)
     min_step_size: float = 1e-4
     max_step_size: float = 1.0
@@ -85,9 +89,9 @@ class AISConfig:
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"AISConfig.schedule={self.schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
-        if self.n_intermediate < 1 or self.n_chains < 1 or self.n_leapfrog < 1:
-            raise ValueError(f"need n_intermediate, n_chains, n_leapfrog >= 1, got {self.n_intermediate}, "
-                             f"{self.n_chains}, {self.n_leapfrog}")
+        if self.n_intermediate < 1 or self.n_chains < 1 or self.n_leapfrog < 1 or self.pilot_chains < 1:
+            raise ValueError(f"need n_intermediate, n_chains, n_leapfrog, pilot_chains >= 1, got {self.n_intermediate}, "
+                             f"{self.n_chains}, {self.n_leapfrog}, {self.pilot_chains}")
         if not (0 < self.min_step_size <= self.init_step_size <= self.max_step_size):
             raise ValueError(f"need 0 < min_step_size <= init_step_size <= max_step_size, got {self.min_step_size}, "
                              f"{self.init_step_size}, {self.max_step_size}")
@@ -104,7 +108,7 @@ class AISResult:
     log_px: ``[B]`` float64, log-mean-exp over chains of the AIS log-weights (the log p(x) estimate).
     log_weights: ``[C, B]`` float64, each chain's AIS log-weight.
     accept_rate: ``[B]`` float64, the point's HMC acceptance rate averaged over transitions and chains.
-    step_size: ``[B]`` the final leapfrog step size.
+    step_size: ``[B]`` the final leapfrog step size (of the frozen schedule).
     z: ``[C, B, Z]`` the chains' final states (approximate posterior samples, to be weighted by ``log_weights``).
     """
 
@@ -155,27 +159,42 @@ def run_ais(log_likelihood: LogLikelihood, x: Tensor, z_dim: int, cfg: AISConfig
     with torch.inference_mode(False), torch.enable_grad():
         x = x.detach().clone()
         dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
-        C, B, dev = cfg.n_chains, x.shape[0], x.device
-        z = torch.randn(C, B, z_dim, generator=generator, dtype=dtype, device=dev)
-        ll, grad = _log_lik_and_grad(log_likelihood, x, z)
-        if not torch.isfinite(ll).all():
-            raise ValueError("log p(x | z) is not finite at a prior sample: AIS needs a finite likelihood")
-        log_w = torch.zeros(C, B, dtype=torch.float64, device=dev)
-        eps = torch.full((B,), cfg.init_step_size, dtype=dtype, device=dev)
-        accept_sum = torch.zeros(B, dtype=torch.float64, device=dev)
-        up, down = 1.0 + cfg.adapt_rate, 1.0 - cfg.adapt_rate
-        for t in range(1, cfg.n_intermediate + 1):
-            log_w += (betas[t] - betas[t - 1]) * ll.double()
-            z, ll, grad, accepted = _hmc_transition(log_likelihood, x, z, ll, grad, betas[t], eps, cfg.n_leapfrog,
-                                                    cfg.step_jitter, generator)
-            frac = accepted.double().mean(0)  # [B]
-            accept_sum += frac
-            if cfg.adapt:
-                eps = torch.where(frac > cfg.target_accept, eps * up, eps * down).clamp_(cfg.min_step_size,
-                                                                                           cfg.max_step_size)
-        log_px = torch.logsumexp(log_w, 0) - math.log(C)
-    return AISResult(log_px=log_px, log_weights=log_w, accept_rate=accept_sum / cfg.n_intermediate,
-                     step_size=eps, z=z.detach())
+        eps0 = torch.full((x.shape[0],), cfg.init_step_size, dtype=dtype, device=x.device)
+        if cfg.adapt:  # pilot: adapt the step sizes, keep only the schedule they followed
+            *_, schedule = _anneal(log_likelihood, x, z_dim, cfg, betas, cfg.pilot_chains, eps0, True, generator)
+        else:
+            schedule = eps0.expand(cfg.n_intermediate, -1)
+        log_w, accept, z, _ = _anneal(log_likelihood, x, z_dim, cfg, betas, cfg.n_chains, schedule, False, generator)
+        log_px = torch.logsumexp(log_w, 0) - math.log(cfg.n_chains)
+    return AISResult(log_px=log_px, log_weights=log_w, accept_rate=accept, step_size=schedule[-1], z=z.detach())
+
+
+def _anneal(log_likelihood: LogLikelihood, x: Tensor, z_dim: int, cfg: AISConfig, betas: list[float], chains: int,
+            eps: Tensor, adapt: bool, generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One AIS run of ``chains`` chains per point. ``eps``: the step-size schedule ``[T, B]``, or with ``adapt`` the
+    initial step sizes ``[B]`` (adapted per transition from the acceptances). Returns the log-weights ``[C, B]``
+    (float64), the mean acceptance rate ``[B]``, the final states ``[C, B, Z]`` and the schedule followed ``[T, B]``."""
+    B, dev = x.shape[0], x.device
+    z = torch.randn(chains, B, z_dim, generator=generator, dtype=eps.dtype, device=dev)
+    ll, grad = _log_lik_and_grad(log_likelihood, x, z)
+    if not torch.isfinite(ll).all():
+        raise ValueError("log p(x | z) is not finite at a prior sample: AIS needs a finite likelihood")
+    log_w = torch.zeros(chains, B, dtype=torch.float64, device=dev)
+    accept_sum = torch.zeros(B, dtype=torch.float64, device=dev)
+    up, down = 1.0 + cfg.adapt_rate, 1.0 - cfg.adapt_rate
+    followed = []
+    for t in range(1, cfg.n_intermediate + 1):
+        eps_t = eps if adapt else eps[t - 1]
+        followed.append(eps_t)
+        log_w += (betas[t] - betas[t - 1]) * ll.double()
+        z, ll, grad, accepted = _hmc_transition(log_likelihood, x, z, ll, grad, betas[t], eps_t, cfg.n_leapfrog,
+                                                cfg.step_jitter, generator)
+        frac = accepted.double().mean(0)  # [B]
+        accept_sum += frac
+        if adapt:
+            eps = torch.where(frac > cfg.target_accept, eps * up, eps * down).clamp_(cfg.min_step_size,
+                                                                                       cfg.max_step_size)
+    return log_w, accept_sum / cfg.n_intermediate, z, torch.stack(followed)
 
 
 def _log_lik_and_grad(log_likelihood: LogLikelihood, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:

@@ -6,30 +6,52 @@ With the decoder frozen, for each test point x:
     approximation gap  log p(x) - L[q*]       (the family: the best member of it for this x)
     amortization gap   L[q*] - L[q]           (the encoder: how far its q is from that best member)
 
-q is the method's (amortized) q, q* the per-datapoint optimum in the same family as q (``qstar.optimize_local``; the flow q* starts at
-q*_FFG when both are computed, since the flow family contains those Gaussians);
-both families' q* (FFG and flow) are reported. log p(x) is estimated by the strongest of the available estimators — AIS
-(when enabled), IWAE-k with q, q*_FFG or q*_Flow as proposal — decided on the batch (``_reference``), never per
-point (a per-point maximum over stochastic estimates would be biased upwards by their noise). All L[.] use ``k`` = 5000 samples
-(importance_samples.test). Values are log-likelihoods in nats (negative); gaps are >= 0 up to Monte Carlo error.
+q is the method's (amortized) q, q* the per-datapoint optimum (``qstar.optimize_local``, stopped per point) in the
+family of q; both families' q* are reported:
+
+- q*_FFG starts at the encoder's Gaussian (``qstar.init=encoder``; for a flow q its moment-matched Gaussian) or the
+  prior.
+- q*_Flow is the model's family: the encoder's flow width and steps for a flow q (else ``flow.hidden`` /
+  ``flow.steps``, default the ``posterior=flow`` encoder's). It starts at q*_FFG (the flow family contains those
+  Gaussians, so L[q*_Flow] >= L[q*_FFG] up to noise) and, for a flow q, also at the encoder's own flow; each point
+  keeps the better of the two optimised flows (common-random-numbers ELBO, ``qstar.select_k`` samples), so
+  L[q*_Flow] >= L[q] too.
+
+log p(x) reference (``gap/log_px``), chosen without looking at the reported samples: AIS when it is enabled (alone,
+even where IWAE-k from a q* happens to come out higher); otherwise the IWAE-k proposal (q, q*_FFG or q*_Flow) with
+the highest batch mean in an independent selection pass of ``reference_k`` samples each, whose own k-sample values
+are then reported. (Selecting among correlated estimates by the same values that are reported biases the reference
+upwards by their noise.) All L[.] use ``k`` = 5000 samples (importance_samples.test). Values are log-likelihoods in
+nats (negative); gaps are >= 0 up to Monte Carlo error. Every draw (per-point flow initialisation, sampled moments,
+q* steps, selection, AIS) comes from the per-batch ``generator``, so a checkpoint re-evaluates to the same numbers
+on any number of processes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import Tensor
 
+from amortlab.distributions.gaussian import DiagGaussian
+from amortlab.distributions.flow import (DEFAULT_FLOW_HIDDEN, DEFAULT_FLOW_STEPS, AuxFlowPosterior, LocalFlow,
+                                         LocalGaussian)
+from amortlab.distributions.moments import sampled_moments
+from amortlab.errors import AmortlabError
 from amortlab.evaluation.estimators import chunk_size, iwae_estimate
-from amortlab.evaluation.qstar import QStarConfig, optimize_local
+from amortlab.evaluation.qstar import QStarConfig, crn_elbo, draw_seed, optimize_local
 
 FAMILIES = ("ffg", "flow")
 
 
 @dataclass
 class FlowFamilyConfig:
-    hidden: int = 50
-    steps: int = 2
+    """Shape of q*_Flow; None = the encoder's flow for a flow q, else the posterior=flow encoder's default."""
+
+    hidden: Optional[int] = None
+    steps: Optional[int] = None
 
 
 @dataclass
@@ -37,96 +59,162 @@ class GapsConfig:
     families: list[str] = field(default_factory=lambda: ["ffg", "flow"])
     qstar: QStarConfig = field(default_factory=QStarConfig)
     flow: FlowFamilyConfig = field(default_factory=FlowFamilyConfig)
-    ais: bool = False  # also run AIS (evaluation.ais settings) as a log p(x) reference
+    ais: bool = False  # also run AIS (evaluation.ais settings); it is then the log p(x) reference
+    reference_k: int = 500  # samples per proposal in the independent selection pass of the reference (no AIS)
+
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.families if f not in FAMILIES]
+        if unknown:
+            raise AmortlabError(f"evaluation.gaps.families has {unknown}; use a subset of {list(FAMILIES)}.")
 
 
 def q_family(q) -> str:
     return "flow" if getattr(q, "family", "gaussian") == "flow" else "ffg"
 
 
-def local_family(name: str, n: int, z_dim: int, q0, cfg: GapsConfig, like: Tensor) -> torch.nn.Module:
-    """A per-point family for ``n`` points (dtype and device of ``like``), at the prior or at the encoder's q (for
-    q*_FFG of a flow q: the Gaussian with the flow's sample mean and variance)."""
-    from amortlab.distributions.flow import LocalFlow, LocalGaussian
-    from amortlab.distributions.moments import sampled_moments
+def _flow_shape(q, cfg: GapsConfig) -> dict:
+    if isinstance(q, AuxFlowPosterior):
+        shape = {"hidden": q.flow.hidden, "steps": q.flow.steps, "v_dim": q.flow.v_dim}
+    else:
+        shape = {"hidden": DEFAULT_FLOW_HIDDEN, "steps": DEFAULT_FLOW_STEPS}
+    if cfg.flow.hidden is not None:
+        shape["hidden"] = cfg.flow.hidden
+    if cfg.flow.steps is not None:
+        shape["steps"] = cfg.flow.steps
+    return shape
 
-    from_encoder = cfg.qstar.init == "encoder"
-    if name == "flow" and from_encoder and q_family(q0) == "flow":
-        return LocalFlow.from_posterior(q0)  # the flow encoder's own q as the starting point
+
+def local_family(name: str, n: int, z_dim: int, q0, cfg: GapsConfig, like: Tensor,
+                 generator: torch.Generator | None = None, shape_of=None) -> torch.nn.Module:
+    """A per-point family for ``n`` points (dtype and device of ``like``), at the prior or (``qstar.init=encoder``)
+    at ``q0``'s Gaussian (for a flow or mixture q0: the Gaussian with its sample mean and variance). A flow takes its shape
+    from ``shape_of`` (default ``q0``; see ``_flow_shape``)."""
     init = {"dtype": like.dtype, "device": like.device}
-    if from_encoder and hasattr(q0, "logvar"):
+    if cfg.qstar.init == "encoder" and isinstance(q0, DiagGaussian):
         init.update(init_mu=q0.mu.detach(), init_logvar=q0.logvar.detach())
-    elif from_encoder:  # a q without Gaussian parameters (a flow): start at its moment-matched Gaussian
-        mean, var = sampled_moments(q0)
+    elif cfg.qstar.init == "encoder":  # a flow or a mixture: its moment-matched Gaussian
+        mean, var = sampled_moments(q0, generator)
         init.update(init_mu=mean, init_logvar=var.clamp_min(1e-8).log())
     if name == "ffg":
         return LocalGaussian(n, z_dim, **init)
-    return LocalFlow(n, z_dim, hidden=cfg.flow.hidden, steps=cfg.flow.steps, **init)
+    return LocalFlow(n, z_dim, **_flow_shape(q0 if shape_of is None else shape_of, cfg), **init, generator=generator)
+
+
+@dataclass
+class QStar:
+    """q* of one family for a batch: one or more optimised per-point families (``members``) and, with several, the
+    member each point keeps (``choice`` ``[B]``); ``report``: steps, converged ``[B]``, tail_gain ``[B]``."""
+
+    members: list
+    choice: Tensor | None
+    report: dict
+
+    def log_weights(self, model, x: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
+        """``[n, B]`` log-weights, each point's from its own member's q."""
+        lws = [model.log_weights(x, m(), n, generator) for m in self.members]
+        if self.choice is None:
+            return lws[0]
+        return torch.stack(lws).gather(0, self.choice.view(1, 1, -1).expand(1, n, -1))[0]
+
+    def rsample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``[n, B, Z]`` samples, each point's from its own member's q (pictures)."""
+        zs = [m().rsample(n, generator) for m in self.members]
+        if self.choice is None:
+            return zs[0]
+        return torch.stack(zs).gather(0, self.choice.view(1, 1, -1, 1).expand(1, n, -1, zs[0].shape[-1]))[0]
+
+
+def _optimise(model, x: Tensor, starts: list, cfg: GapsConfig, generator) -> QStar:
+    runs = [optimize_local(model, x, fam, cfg.qstar, generator) for fam in starts]
+    members = [fam for fam, _ in runs]
+    if len(runs) == 1:
+        return QStar(members, None, runs[0][1])
+    with torch.no_grad():  # each point keeps its best member on a common-random-numbers ELBO
+        seed = draw_seed(generator, x.device)
+        scores = torch.stack([crn_elbo(model, x, m(), max(cfg.qstar.select_k, 1), seed) for m in members])
+        choice = scores.argmax(0)
+    report = {"steps": max(r["steps"] for _, r in runs)}
+    for key in ("converged", "tail_gain"):
+        report[key] = torch.stack([r[key] for _, r in runs]).gather(0, choice.view(1, -1))[0]
+    return QStar(members, choice, report)
+
+
+def fit_qstar(model, x: Tensor, q, cfg: GapsConfig, generator: torch.Generator | None) -> dict[str, QStar]:
+    """q* of each configured family for the batch ``x`` ``[B, X]`` given the method's q (module docstring)."""
+    out: dict[str, QStar] = {}
+    n, z_dim = len(x), model.z_dim
+    for name in sorted(cfg.families, key=FAMILIES.index):
+        with torch.inference_mode(False):  # evaluation runs under inference mode; q* needs real parameters
+            starts = _starts(name, n, z_dim, model, x, q, cfg, out, generator)
+        out[name] = _optimise(model, x, starts, cfg, generator)
+    return out
+
+
+def _starts(name: str, n: int, z_dim: int, model, x: Tensor, q, cfg: GapsConfig, done: dict[str, QStar],
+            generator) -> list:
+    """The starting families of q* of family ``name`` (module docstring), given the q* already ``done``."""
+    if name == "ffg":
+        return [local_family("ffg", n, z_dim, q, cfg, x, generator)]
+    starts = []
+    if "ffg" in done:  # at q*_FFG
+        at_ffg = GapsConfig(qstar=QStarConfig(init="encoder"), flow=cfg.flow)
+        starts.append(local_family("flow", n, z_dim, done["ffg"].members[0](), at_ffg, x, generator, shape_of=q))
+    if isinstance(q, AuxFlowPosterior):
+        starts.append(LocalFlow.from_posterior(q))  # the encoder's own flow
+    return starts or [local_family("flow", n, z_dim, q, cfg, x, generator)]
+
+
+def reference_log_px(model, x: Tensor, proposals: list[Callable[[int, torch.Generator], Tensor]],
+                     estimates: list[Tensor], k_select: int, rows: int,
+                     generator: torch.Generator | None) -> tuple[Tensor, int]:
+    """The IWAE reference without AIS: (``estimates[j]`` ``[B]``, j) for the proposal j whose log p_hat has the
+    highest batch mean in an independent pass of ``k_select`` fresh samples each (``proposals[j](n, generator)``
+    returns ``[n, B]`` log-weights); ties go to the later (stronger by design) proposal."""
+    sel = torch.Generator(device=x.device).manual_seed(draw_seed(generator, x.device))
+    chunk = chunk_size(k_select, len(x), rows)
+    means = [float(iwae_estimate(lambda m: p(m, sel), k_select, chunk)[0].mean()) for p in proposals]
+    j = max(range(len(means)), key=lambda i: (means[i], i))
+    return estimates[j], j
 
 
 def decompose(model, x: Tensor, q, k: int, rows: int, cfg: GapsConfig, generator: torch.Generator | None,
               ais_fn=None) -> dict[str, Tensor]:
-    """Per-point gap table for the batch ``x`` ``[B, X]``; every value ``[B]`` (keys without the split prefix)."""
+    """Per-point gap table for the batch ``x`` ``[B, X]``; every value ``[B]`` (keys without the split prefix).
+
+    ``ais_fn(x) -> [B]``: the AIS estimate of log p(x); when given it is the reference ``gap/log_px``."""
     chunk = chunk_size(k, len(x), rows)
 
-    def bounds(qq):
-        return iwae_estimate(lambda n: model.log_weights(x, qq, n, generator), k, chunk)
+    def bounds(sample_lw):
+        return iwae_estimate(lambda n: sample_lw(n, generator), k, chunk)
 
-    log_px_q, L_q = bounds(q)
+    proposals = [lambda n, g: model.log_weights(x, q, n, g)]
+    log_px_q, L_q = bounds(proposals[0])
     out = {"gap/L_q": L_q, "gap/log_px_iwae": log_px_q}
-    estimates = [log_px_q]  # candidate log p(x) estimates [B]; the reference is the best on the batch mean
-    start_gauss = None
-    for name in sorted(cfg.families, key=FAMILIES.index):
-        if name not in FAMILIES:
-            from amortlab.errors import AmortlabError
-            raise AmortlabError(f"evaluation.gaps.families has {name!r}; use a subset of {list(FAMILIES)}.")
-        with torch.inference_mode(False):  # evaluation runs under inference mode; q* needs real parameters
-            if name == "flow" and start_gauss is not None:
-                # the flow family contains the Gaussians: start it at q*_FFG, so L[q*_Flow] >= L[q*_FFG]
-                family = local_family(name, len(x), model.z_dim, start_gauss, replace(cfg, qstar=replace(
-                    cfg.qstar, init="encoder")), x)
-            else:
-                family = local_family(name, len(x), model.z_dim, q, cfg, x)
-            for p in family.parameters():
-                p.data = p.data.clone()
-        local, report = optimize_local(model, x, family, cfg.qstar, generator)
+    estimates = [log_px_q]
+    for name, qs in fit_qstar(model, x, q, cfg, generator).items():
         with torch.no_grad():
-            q_star = local()
-            log_px_star, L_star = bounds(q_star)
-            if name == "ffg":
-                start_gauss = q_star
+            proposals.append(lambda n, g, qs=qs: qs.log_weights(model, x, n, g))
+            log_px_star, L_star = bounds(proposals[-1])
         out[f"gap/L_qstar_{name}"] = L_star
         out[f"gap/log_px_iwae_{name}"] = log_px_star
-        out[f"gap/qstar_steps_{name}"] = torch.full_like(L_star, report["steps"])
+        out[f"gap/qstar_steps_{name}"] = torch.full_like(L_star, qs.report["steps"])
+        out[f"gap/qstar_converged_frac_{name}"] = qs.report["converged"].to(L_star)
+        out[f"gap/qstar_tail_gain_{name}"] = qs.report["tail_gain"].to(L_star)
         estimates.append(log_px_star)
     if ais_fn is not None:
-        log_px_ais = ais_fn(x).to(L_q)
-        out["gap/log_px_ais"] = log_px_ais
-        estimates.append(log_px_ais)
-    out["gap/log_px"] = log_px = _reference(estimates)
+        out["gap/log_px_ais"] = log_px = ais_fn(x).to(L_q)
+    else:
+        log_px, _ = reference_log_px(model, x, proposals, estimates, cfg.reference_k, rows, generator)
+    out["gap/log_px"] = log_px
     own = q_family(q)
     if f"gap/L_qstar_{own}" in out:
         L_star = out[f"gap/L_qstar_{own}"]
         out["gap/approximation"] = log_px - L_star
         out["gap/amortization"] = L_star - L_q
+        out["gap/qstar_converged_frac"] = out[f"gap/qstar_converged_frac_{own}"]
+        out["gap/qstar_tail_gain"] = out[f"gap/qstar_tail_gain_{own}"]
     out["gap/inference"] = log_px - L_q
     return out
-
-
-def _reference(estimates: list[Tensor]) -> Tensor:
-    """The log p(x) reference ``[B]`` among candidate estimates listed in increasing order of expected strength
-    (IWAE from q, from q*_FFG, from q*_Flow, AIS). Each is a stochastic lower bound (the log of an unbiased estimator
-    of p(x)); a per-point maximum would be biased upwards by their noise. The strongest by design is taken unless
-    another one's mean over the batch is higher by more than two standard errors of the mean difference (AIS at a
-    small budget can be weaker than IWAE-k with a good q*); decided on the batch, the selection bias is at most the
-    noise of a batch mean."""
-    best = estimates[-1]
-    n = best.numel()
-    for e in estimates[:-1]:
-        d = e - best
-        if n > 1 and float(d.mean()) > 2.0 * float(d.std()) / n ** 0.5:
-            best = e
-    return best
 
 
 TABLE_ROWS = (("log p̂(x)", "gap/log_px"), ("L[q*_Flow]", "gap/L_qstar_flow"), ("L[q*_FFG]", "gap/L_qstar_ffg"),

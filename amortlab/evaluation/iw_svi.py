@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from amortlab.distributions import DiagGaussian
+from amortlab.evaluation.qstar import draw_seed
 from amortlab.objectives import k_sample_bound
 
 
@@ -59,7 +60,7 @@ def refine(model, x: Tensor, q0: DiagGaussian, cfg: SVIConfig,
             q = DiagGaussian(mu, logvar.clamp(cfg.logvar_min, cfg.logvar_max))
             z = q.mu + torch.exp(0.5 * q.logvar) * q.sample_noise(cfg.k, generator)
             lw = model.log_joint(x, z) - DiagGaussian(q.mu.detach(), q.logvar.detach()).log_prob(z)  # [k, B]
-            loss = -(torch.softmax(lw.detach(), 0).pow(2) * lw).sum()  # DReG surrogate
+            loss = dreg_surrogate(lw)
             opt.zero_grad(set_to_none=True)
             # gradients w.r.t. the local parameters only: the decoder stays frozen
             mu.grad, logvar.grad = torch.autograd.grad(loss, [mu, logvar])
@@ -69,14 +70,20 @@ def refine(model, x: Tensor, q0: DiagGaussian, cfg: SVIConfig,
             refined = DiagGaussian(mu.detach(), logvar.detach().clamp(cfg.logvar_min, cfg.logvar_max))
             if cfg.select_reps > 0:
                 start = DiagGaussian(q0.mu.detach(), q0.logvar.detach())
-                seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=x.device).item()) \
-                    if generator is not None else int(torch.randint(0, 2**62, (1,)).item())
+                seed = draw_seed(generator, x.device)
                 before = _crn_bound(log_weights, x, start, cfg.k, cfg.select_reps, seed)
                 after = _crn_bound(log_weights, x, refined, cfg.k, cfg.select_reps, seed)
                 keep = (after >= before).unsqueeze(-1)
                 refined = DiagGaussian(torch.where(keep, refined.mu, start.mu),
                                        torch.where(keep, refined.logvar, start.logvar))
     return refined
+
+
+def dreg_surrogate(lw: Tensor) -> Tensor:
+    """Scalar DReG surrogate loss -sum_{i,b} stopgrad(w~_ib)^2 log w_ib for log-weights ``lw`` ``[k, B]`` formed with
+    q's parameters stopped in log q (only the path z(lambda, eps) carries gradient): its gradient is -grad L_k
+    summed over the batch (Tucker et al. 2019, eq. 7), w~ the weights normalised over the k samples."""
+    return -(torch.softmax(lw.detach(), 0).pow(2) * lw).sum()
 
 
 def _crn_bound(log_weights, x: Tensor, q: DiagGaussian, k: int, reps: int, seed: int) -> Tensor:

@@ -27,7 +27,7 @@ from amortlab.distributions import DiagGaussian, posterior_mean
 from amortlab.errors import AmortlabError, NonFiniteLossError
 from amortlab.evaluation import chunk_size, iwae_estimate
 from amortlab.evaluation.ais import AISConfig, ais_log_likelihood
-from amortlab.evaluation.gaps import GapsConfig, decompose
+from amortlab.evaluation.gaps import FlowFamilyConfig, GapsConfig, decompose
 from amortlab.evaluation.iw_svi import SVIConfig, refine
 from amortlab.evaluation.qstar import QStarConfig
 from amortlab.metrics import ActiveUnits, ExactMean
@@ -44,7 +44,9 @@ EVAL_METRICS = ("nll", "nll_iwae", "neg_elbo", "inference_gap", "neg_elbo_encode
                 "gap/log_px", "gap/log_px_iwae", "gap/log_px_iwae_ffg", "gap/log_px_iwae_flow", "gap/log_px_ais",
                 "gap/L_q", "gap/L_qstar_ffg", "gap/L_qstar_flow",
                 "gap/approximation", "gap/amortization", "gap/inference", "gap/qstar_steps_ffg",
-                "gap/qstar_steps_flow")
+                "gap/qstar_steps_flow", "gap/qstar_converged_frac", "gap/qstar_converged_frac_ffg",
+                "gap/qstar_converged_frac_flow", "gap/qstar_tail_gain", "gap/qstar_tail_gain_ffg",
+                "gap/qstar_tail_gain_flow")
 ESTIMATORS = ("iwae", "iw_svi", "gaps")
 
 
@@ -73,12 +75,10 @@ def _metric_key(split: str, name: str) -> str:
 
 
 def _gaps_config(node: dict | None) -> GapsConfig:
-    from amortlab.evaluation.gaps import FlowFamilyConfig
-
     node = dict(node or {})
-    return GapsConfig(families=list(node.get("families", ["ffg", "flow"])),
-                      qstar=QStarConfig(**dict(node.get("qstar") or {})),
-                      flow=FlowFamilyConfig(**dict(node.get("flow") or {})), ais=bool(node.get("ais", False)))
+    return GapsConfig(**{**node, "families": list(node.get("families", GapsConfig().families)),
+                         "qstar": QStarConfig(**dict(node.get("qstar") or {})),
+                         "flow": FlowFamilyConfig(**dict(node.get("flow") or {}))})
 
 
 class ELBOModule(L.LightningModule):
@@ -185,6 +185,13 @@ class ELBOModule(L.LightningModule):
         """Training objective L_k per example ``[B]``: q from ``x_enc`` (default ``x``), p(x, z) scores ``x``."""
         q = self.infer(x if x_enc is None else x_enc)
         return k_sample_bound(self.log_weights(x, q, k, annealed=True))
+
+    def clean_bound(self, x: Tensor, k: int, x_enc: Tensor | None = None) -> Tensor:
+        """L_k(x; q = infer(x_enc)) ``[B]``: the k-sample bound of the method's q, without annealing weights and
+        without a method's surrogate terms (whose values can be zero while their gradients are not); what an
+        adversarial perturbation of the encoder's input must lower."""
+        q = self.infer(x if x_enc is None else x_enc)
+        return k_sample_bound(self.log_weights(x, q, k))
 
     def training_loss(self, x: Tensor) -> Tensor:
         return self.regularizer.training_loss(self, x, self.k_train)

@@ -5,7 +5,9 @@ The encoder reads an FGSM-style perturbation of x in the direction that most low
     x_adv = x - epsilon * sign(grad_{x_enc} L_k(x; q = f(x_enc)) |_{x_enc = x})        (norm = "linf")
     x_adv = x - epsilon * g / ||g||_2                                                 (norm = "l2")
 
-while p(x, z) scores the clean x; the loss mixes it with the clean bound like denoising:
+(L_k the method's clean k-sample bound, ``ELBOModule.clean_bound``: never a method's training surrogate, whose
+zero-valued terms have non-zero gradients), while p(x, z) scores the clean x; the loss mixes it with the clean bound
+like denoising:
 alpha * L_k(x; f(x_adv)) + (1 - alpha) * L_k(x; f(x)). epsilon = 0 or alpha = 0 is the plain loss.
 Costs one extra forward/backward per step (the gradient with respect to the encoder input).
 """
@@ -33,7 +35,7 @@ class Adversarial(EncoderRegularizer):
 
     def perturb(self, module, x: Tensor, k: int) -> Tensor:
         x_enc = x.detach().clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(module.bound(x, k, x_enc=x_enc).sum(), x_enc)
+        (grad,) = torch.autograd.grad(module.clean_bound(x, k, x_enc=x_enc).sum(), x_enc)
         if self.norm == "linf":
             step = grad.sign()
         else:
