@@ -235,6 +235,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
                 text.append(f"Inference-gap decomposition, {split} split ({n} points, nats)\n\n"
                             + gap_table({name: results["metrics"]}, split))
         (out_dir / "gaps.md").write_text("\n".join(text))
+        if module.z_dim == 2:
+            draw_posteriors(module, dm, cfg, out_dir / "images" / "posteriors.png", logger)
     if trainer.is_global_zero:
         path = write_results(out_dir / "results.json", results)
         if logger and hasattr(logger, "experiment") and cfg.logger.get("_target_", "").endswith("make_wandb_logger"):
@@ -246,6 +248,18 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         import wandb
         wandb.finish()
     return results
+
+
+def draw_posteriors(module, dm, cfg, path: Path, logger, n_points: int = 4) -> None:
+    """Cremer et al.'s posterior figure for a 2-D latent model (first ``n_points`` test points): PNG + W&B image."""
+    from amortlab.evaluation.posterior_plot import draw_gap_posteriors
+
+    x = next(iter(dm.eval_dataloader("test", n_points))).x.to(module.device)
+    g = torch.Generator(device=x.device).manual_seed(int(cfg.evaluation.seed))
+    module.eval()
+    draw_gap_posteriors(module, x, module.gaps_cfg, path, g)
+    if logger is not None and hasattr(logger, "log_image"):
+        logger.log_image(key="images/posteriors", images=[str(path)])
 
 
 def evaluate_training_points(trainer: L.Trainer, module, dm, n: int, ckpt: str | None) -> dict[str, float]:

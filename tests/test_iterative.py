@@ -155,7 +155,13 @@ def test_evaluation_runs_under_inference_mode_and_reports_iterates():
     torch.testing.assert_close(a["neg_elbo_encoder"], analytic[0], atol=0.15, rtol=0)  # the encoder's q = lambda_0
     for t in range(3):  # Monte Carlo estimates (20000 samples) of the iterates' ELBOs
         torch.testing.assert_close(a[f"neg_elbo_iter/{t}"], analytic[t], atol=0.15, rtol=0)
-    torch.testing.assert_close(a["neg_elbo_refined"], a["neg_elbo"])
+    # neg_elbo_refined: the k = 1000-sample estimate of the final iterate's closed-form -ELBO (4 standard errors, the sd
+    # of log w from fresh draws), which the encoder's q (lambda_0) misses by more than that
+    with torch.no_grad():
+        sd = m.log_weights(x, _q(lams[-1].detach()), 20_000, torch.Generator().manual_seed(9)).std(0)
+    tol = 4 * sd / math.sqrt(1000) + 1e-3
+    assert ((a["neg_elbo_refined"] - analytic[-1]).abs() <= tol).all(), (a["neg_elbo_refined"] - analytic[-1], tol)
+    assert ((analytic[-1] - analytic[0]).abs() > tol).all()
     for key in a:  # the iterations' noise is seeded per batch: evaluation is reproducible
         if key != "infer_seconds":
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)

@@ -143,9 +143,16 @@ def test_iw_svi_reaches_log_px_on_linear_gaussian():
     err_iwae = (exact + out_iwae["nll"]).abs().mean()
     err_svi = (exact + out_svi["nll"]).abs().mean()
     assert err_svi < 0.02 and err_svi < err_iwae / 3, (err_svi, err_iwae)
-    # nll_iwae is always the plain estimate; the gap is measured against the clean amortized ELBO
+    # nll_iwae is always the plain estimate; the gap is measured against the clean amortized ELBO: its mean is that of
+    # log p(x) - ELBO(encoder's q) in closed form (about 1.3 nats here; against the refined q's ELBO it would be ~0),
+    # within 4 standard errors of the k = 20-sample neg_elbo's mean (sd of log w from fresh draws) + the nll error above
     torch.testing.assert_close(out_svi["nll_iwae"], out_iwae["nll"])
-    torch.testing.assert_close(out_svi["inference_gap"], out_svi["neg_elbo"] - out_svi["nll"])
+    q0 = m.infer(x)
+    with torch.no_grad():
+        se = (m.log_weights(x, q0, 20_000).var(0).sum() / 20).sqrt() / len(x)
+    gap = (exact - elbo_of(m, x, q0)).detach()
+    assert abs(out_svi["inference_gap"].mean() - gap.mean()) <= 4 * se + err_svi, (out_svi["inference_gap"], gap, se)
+    assert gap.mean() > 2 * (4 * se + 0.02)
     # refinement reaches the exact (diagonal) posterior: its ELBO is log p(x)
     q = refine(m, x, m.infer(x), SVIConfig(steps=400, lr=0.05, k=1), torch.Generator().manual_seed(1))
     torch.testing.assert_close(elbo_of(m, x, q), exact, atol=0.02, rtol=0)
