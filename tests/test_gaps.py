@@ -32,7 +32,7 @@ def mean_field_kl(m, x) -> float:
     return float(0.5 * (torch.log(torch.diagonal(prec)).sum() - torch.logdet(prec)))
 
 
-def test_qstar_gaussian_reaches_exact_posterior_and_never_below_init():
+def test_qstar_gaussian_reaches_exact_posterior_and_never_below_init(one_thread):
     m = perturbed_model()
     x = data(m, 12)
     exact = m.decoder.exact_log_marginal(x)
@@ -48,7 +48,7 @@ def test_qstar_gaussian_reaches_exact_posterior_and_never_below_init():
     assert report["kept"] == 1.0
 
 
-def test_qstar_stops_per_point_and_reports_truncation():
+def test_qstar_stops_per_point_and_reports_truncation(one_thread):
     """Points far from their optimum keep going after the near ones have stopped (a batch-mean rule would stop them
     together); with a too-short budget the report shows it (converged < 1, a positive tail gain)."""
     m = perturbed_model()
@@ -72,7 +72,7 @@ def test_qstar_stops_per_point_and_reports_truncation():
     assert (trunc["tail_gain"][6:] > 0.5).all() and trunc["tail_gain"][:6].abs().max() < 0.3
 
 
-def test_gap_decomposition_linear_gaussian_against_closed_forms():
+def test_gap_decomposition_linear_gaussian_against_closed_forms(one_thread):
     cfg = GapsConfig(families=["ffg"], qstar=FAST, flow=FlowFamilyConfig())
     weak = perturbed_model()  # a deliberately weak encoder
     x = data(weak, 12)
@@ -91,7 +91,7 @@ def test_gap_decomposition_linear_gaussian_against_closed_forms():
     assert out2["gap/amortization"].abs().max() < 0.05 and out2["gap/inference"].abs().max() < 0.05
 
 
-def test_flow_qstar_closes_the_mean_field_gap_on_a_correlated_posterior():
+def test_flow_qstar_closes_the_mean_field_gap_on_a_correlated_posterior(one_thread):
     """Correlated posterior: q*_FFG's approximation gap is the closed-form mean-field KL; q*_Flow (started at
     q*_FFG) does better, and both stay below the exact log p(x)."""
     m = correlated_model()
@@ -112,7 +112,7 @@ def test_flow_qstar_closes_the_mean_field_gap_on_a_correlated_posterior():
     assert "L[q*_Flow]" in table and "Amortization" in table
 
 
-def test_reference_with_ais_is_ais_alone():
+def test_reference_with_ais_is_ais_alone(one_thread):
     """With AIS the reference is AIS, even where an IWAE estimate from q* comes out higher (no selection)."""
     m = correlated_model()
     x = data(m, 6)
@@ -123,7 +123,7 @@ def test_reference_with_ais_is_ais_alone():
     assert torch.equal(out["gap/log_px"], weak_ais) and torch.equal(out["gap/log_px_ais"], weak_ais)
 
 
-def test_reference_without_ais_is_chosen_on_an_independent_pass():
+def test_reference_without_ais_is_chosen_on_an_independent_pass(one_thread):
     """The IWAE reference is picked by fresh samples, not by the values it reports: reported estimates that say
     'candidate 0 is best' do not override a selection pass in which candidate 1 is (and vice versa)."""
     m = perturbed_model()
@@ -138,7 +138,7 @@ def test_reference_without_ais_is_chosen_on_an_independent_pass():
     assert j == 0 and torch.equal(value, reported[0])
 
 
-def test_evaluate_batch_with_gaps_estimator_against_exact():
+def test_evaluate_batch_with_gaps_estimator_against_exact(one_thread):
     m = perturbed_model()
     m.gaps_cfg = GapsConfig(families=["ffg"], qstar=FAST)
     x = data(m, 8)
@@ -149,7 +149,7 @@ def test_evaluate_batch_with_gaps_estimator_against_exact():
     torch.testing.assert_close(out["inference_gap"], exact - analytic_elbo(m, x), atol=0.15, rtol=0)
 
 
-def test_ffg_qstar_of_a_flow_q_starts_at_its_moments():
+def test_ffg_qstar_of_a_flow_q_starts_at_its_moments(one_thread):
     """q*_FFG of a flow posterior (no Gaussian parameters) starts at the flow's moment-matched Gaussian."""
     from amortlab.evaluation.gaps import local_family
     from amortlab.nets import FlowEncoder
@@ -169,7 +169,7 @@ def test_ffg_qstar_of_a_flow_q_starts_at_its_moments():
     assert fam.mu.dtype == torch.float64
 
 
-def test_flow_qstar_of_a_flow_q_is_its_family_and_never_below_it():
+def test_flow_qstar_of_a_flow_q_is_its_family_and_never_below_it(one_thread):
     """For a flow-trained model q*_Flow has the encoder's flow shape and starts from the encoder's flow too, so its
     bound is not below L[q] (measured on independent samples)."""
     from amortlab.evaluation.gaps import fit_qstar

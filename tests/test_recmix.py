@@ -352,3 +352,26 @@ def test_iw_svi_with_a_mixture_is_refused():
 
     with pytest.raises(AmortlabError, match="mixture q"):
         build_from_overrides(["inference=recursive_mixture", "evaluation=iw_svi", "logger=none"])
+
+
+def test_adversarial_perturbs_along_the_clean_bound_not_the_surrogate():
+    """RecMix's training surrogate has zero-valued terms with non-zero gradients (the KL reward of new components);
+    the adversarial regularizer must step along grad_x of the clean bound L_k(x; Q = f(x_enc)) instead."""
+    from amortlab.objectives import k_sample_bound
+    from amortlab.regularizers import Adversarial
+
+    m, x, _ = recmix_linear(kl_weight=1.0)
+    reg = Adversarial(epsilon=0.1, norm="l2")
+
+    def step_along(objective):
+        torch.manual_seed(7)
+        x_enc = x.detach().clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(objective(x_enc).sum(), x_enc)
+        return g / g.norm(dim=1, keepdim=True)
+
+    clean = step_along(lambda xe: k_sample_bound(m.log_weights(x, m.infer(xe), 3)))
+    surrogate = step_along(lambda xe: m.bound(x, 3, x_enc=xe))
+    assert (clean - surrogate).norm(dim=1).min() > 0.05  # the two directions differ here
+    torch.manual_seed(7)
+    x_adv = reg.perturb(m, x, 3)
+    torch.testing.assert_close((x - x_adv) / 0.1, clean, atol=1e-9, rtol=0)
