@@ -219,7 +219,8 @@ def decompose(model, x: Tensor, q, k: int, rows: int, cfg: GapsConfig, generator
 
 TABLE_ROWS = (("log p̂(x)", "gap/log_px"), ("L[q*_Flow]", "gap/L_qstar_flow"), ("L[q*_FFG]", "gap/L_qstar_ffg"),
               ("L[q]", "gap/L_q"), ("Approximation", "gap/approximation"), ("Amortization", "gap/amortization"),
-              ("Inference", "gap/inference"), ("Active units", "active_units"))
+              ("Inference", "gap/inference"), ("q* converged (share of points)", "gap/qstar_converged_frac"),
+              ("q* gain over its last steps", "gap/qstar_tail_gain"), ("Active units", "active_units"))
 
 
 def gap_table(columns: dict[str, dict[str, float]], split: str = "test") -> str:
