@@ -356,7 +356,8 @@ class LocalFlow(nn.Module):
     family = "flow"
 
     def __init__(self, n_points: int, z_dim: int, v_dim: int | None = None,
-                 hidden: int | Sequence[int] = DEFAULT_FLOW_HIDDEN, steps: int = DEFAULT_FLOW_STEPS, init_mu: Tensor | None = None, init_logvar: Tensor | None = None,
+                 hidden: int | Sequence[int] = DEFAULT_FLOW_HIDDEN, steps: int = DEFAULT_FLOW_STEPS,
+                 init_mu: Tensor | None = None, init_logvar: Tensor | None = None,
                  activation: str = "tanh", gate_bias: float = 2.0, init_scale: float = 1e-2, dtype=None,
                  device=None, context: Tensor | None = None, generator: torch.Generator | None = None):
         super().__init__()

@@ -90,7 +90,8 @@ class AISConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"AISConfig.schedule={self.schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
         if self.n_intermediate < 1 or self.n_chains < 1 or self.n_leapfrog < 1 or self.pilot_chains < 1:
-            raise ValueError(f"need n_intermediate, n_chains, n_leapfrog, pilot_chains >= 1, got {self.n_intermediate}, "
+            raise ValueError(f"need n_intermediate, n_chains, n_leapfrog, pilot_chains >= 1, got "
+                             f"{self.n_intermediate}, "
                              f"{self.n_chains}, {self.n_leapfrog}, {self.pilot_chains}")
         if not (0 < self.min_step_size <= self.init_step_size <= self.max_step_size):
             raise ValueError(f"need 0 < min_step_size <= init_step_size <= max_step_size, got {self.min_step_size}, "

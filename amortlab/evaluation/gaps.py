@@ -87,7 +87,8 @@ def _flow_shape(q, cfg: GapsConfig) -> dict:
 def local_family(name: str, n: int, z_dim: int, q0, cfg: GapsConfig, like: Tensor,
                  generator: torch.Generator | None = None, shape_of=None) -> torch.nn.Module:
     """A per-point family for ``n`` points (dtype and device of ``like``), at the prior or (``qstar.init=encoder``)
-    at ``q0``'s Gaussian (for a flow or mixture q0: the Gaussian with its sample mean and variance). A flow takes its shape
+    at ``q0``'s Gaussian (for a flow or mixture q0: the Gaussian with its sample mean and variance).
+    A flow takes its shape
     from ``shape_of`` (default ``q0``; see ``_flow_shape``)."""
     init = {"dtype": like.dtype, "device": like.device}
     if cfg.qstar.init == "encoder" and isinstance(q0, DiagGaussian):

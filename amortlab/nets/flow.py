@@ -2,7 +2,8 @@
 
 x ``[B, X]`` -> MLP trunk -> base parameters (mu_z, logvar_z ``[B, Z]``, mu_v, logvar_v ``[B, V]``) and the trunk's last
 hidden features h(x) ``[B, H]``; the coupling flow and the reverse model r(v_T | x, z_T) = r(v_T | h(x), z_T) are
-global (shared by all x; Cremer et al.'s r conditions on x, see ``amortlab.distributions.flow``). ``forward(x)`` returns an ``AuxFlowPosterior``,
+global (shared by all x; Cremer et al.'s r conditions on x, see ``amortlab.distributions.flow``). ``forward(x)``
+returns an ``AuxFlowPosterior``,
 whose ``rsample_with_log_prob`` gives z_T and log q~ for the log-weights. See ``amortlab.distributions.flow``.
 """
 from __future__ import annotations
