@@ -87,7 +87,7 @@ def assert_matches_independent_evaluation(run_dir: Path, draws=gaussian_draws, R
 
     r = results(run_dir)
     m, k = r["metrics"], r["config"]["importance_samples"]["test"]
-    ckpt = torch.load(r["checkpoints"]["evaluated"], map_location="cpu", weights_only=False)
+    ckpt = torch.load(r["checkpoints"]["evaluated"], map_location="cpu", weights_only=True)
     cfg = OmegaConf.create(ckpt["amortlab_config"])
     module = build_module(cfg)
     module.load_state_dict(ckpt["state_dict"])
