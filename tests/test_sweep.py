@@ -1,5 +1,6 @@
-"""sweep.py: study expansion, collection into tables/plots, and a tiny study run end to end through Hydra multirun
-(one run failing with a NaN loss, one run killing its process)."""
+"""Studies (amortlab.studies, sweep.py): study expansion, collection into tables/plots, launch planning, the command
+line, and a tiny study run end to end through Hydra multirun (one run failing with a NaN loss, one run killing its
+process). The report plug-in mechanism is tested in test_studies_reports.py."""
 import csv
 import json
 import os
@@ -10,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-import sweep
+from amortlab.studies.cli import main
+from amortlab.studies.collect import collect
+from amortlab.studies.expand import expand, setting_yaml
+from amortlab.studies.launch import launch_command, plan_launches
+from amortlab.studies.overrides import override_value
+from amortlab.studies.report import write_report
+from amortlab.studies.reports import build_reports
+from amortlab.studies.spec import SweepError, available_studies, load_study
 from tests.conftest import ROOT
 
 TINY_BASE = "[logger=none, trainer.max_epochs=1, importance_samples.test=20, evaluation.val=false]"
@@ -67,7 +75,7 @@ def test_collect_groups_seeds_and_counts_failures(tmp_path):
     fake_run(tmp_path, "denoising_sigma0.1_k1", 0, metrics={"test/nll": 92.0, "test/inference_gap": 7.0},
              axes={**den(0.1), "k": 1})
 
-    rows = sweep.collect(tmp_path)
+    rows = collect(tmp_path)
     by = {r["setting"]: r for r in rows}
     assert [r["setting"] for r in rows] == ["denoising_sigma0.1_k1", "none_k8", "denoising_sigma0.1_k8",
                                             "denoising_sigma0.2_k8"]  # by k, unregularized first, strength
@@ -84,14 +92,14 @@ def test_collect_groups_seeds_and_counts_failures(tmp_path):
     assert "loss became nan" in msgs[1] and "no results.json" in msgs[2]
 
     # expected pairs: only those settings/seeds are read; a pair that never started counts as failed
-    rows = sweep.collect(tmp_path, expected={"none_k8": [0, 1], "new_k8": [0]})
+    rows = collect(tmp_path, expected={"none_k8": [0, 1], "new_k8": [0]})
     by = {r["setting"]: r for r in rows}
     assert set(by) == {"none_k8", "new_k8"}
     assert by["none_k8"]["n_seeds"] == 2 and by["none_k8"]["test/nll_mean"] == pytest.approx(90.5)
     assert (by["new_k8"]["n_seeds"], by["new_k8"]["n_failed"]) == (0, 1)
 
-    rows = sweep.collect(tmp_path)
-    written = sweep.write_report(tmp_path, rows, ["test/nll", "test/inference_gap"], select_by="test/nll")
+    rows = collect(tmp_path)
+    written = write_report(tmp_path, rows, ["test/nll", "test/inference_gap"], select_by="test/nll")
     assert {"table.csv", "table.md", "failures.md", "best.md", "nll_vs_strength.png", "gap_vs_strength.png"} <= set(
         written)
     table = read_csv(tmp_path / "table.csv")
@@ -110,7 +118,8 @@ def test_collect_groups_seeds_and_counts_failures(tmp_path):
 
 
 def test_gap_study_report(tmp_path):
-    """Runs with evaluation=gaps get gaps.md (Cremer et al.'s layout, a column per setting) and stacked bars."""
+    """The gaps report: runs with evaluation=gaps get gaps.md (Cremer et al.'s layout, a column per setting) and
+    stacked bars."""
     axes = {"method": "amortized", "regularizer": "none", "strength": None, "k": 1}
     for setting, amort in (("ffg", 1.5), ("no_annealing", 3.0)):
         for seed, jitter in ((0, 0.0), (1, 0.2)):
@@ -119,7 +128,7 @@ def test_gap_study_report(tmp_path):
                  "test/gap/approximation": 1.2, "test/gap/amortization": amort + jitter,
                  "test/gap/inference": 1.2 + amort + jitter}
             fake_run(tmp_path, setting, seed, metrics=m, axes=axes)
-    written = sweep.write_report(tmp_path, sweep.collect(tmp_path))
+    written = write_report(tmp_path, collect(tmp_path), reports=build_reports(["gaps"]))
     assert {"gaps.md", "gaps.png"} <= set(written)
     md = (tmp_path / "gaps.md").read_text()
     assert "| | ffg | no_annealing |" in md and "| Amortization | 1.60 | 3.10 |" in md and "| L[q*_FFG] | -91.20" in md
@@ -127,7 +136,7 @@ def test_gap_study_report(tmp_path):
 
 
 def test_methods_study_report(tmp_path):
-    """A study over inference schemes gets methods.md (NLL, bounds, time per point) and the bound-vs-K plot."""
+    """The methods and bound_vs_k reports: methods.md (NLL, bounds, time per point) and the bound-vs-K plot."""
     base = {"regularizer": "none", "strength": None, "k": 1}
     runs = {"vae": ({"method": "amortized"}, 95.0, 101.0, None),
             "sa_vae_k10": ({"method": "sa_vae", "K": 10}, 94.0, 99.0, 103.0),
@@ -138,9 +147,9 @@ def test_methods_study_report(tmp_path):
         if enc is not None:
             m["test/neg_elbo_encoder"] = enc
         fake_run(tmp_path, sid, 0, metrics=m, axes={**base, **axes})
-    rows = sweep.collect(tmp_path)
+    rows = collect(tmp_path)
     assert {r["setting"]: r["steps"] for r in rows}["sa_vae_k20"] == ("K", 20)
-    written = sweep.write_report(tmp_path, rows)
+    written = write_report(tmp_path, rows, reports=build_reports(["methods", "bound_vs_k"]))
     assert {"methods.md", "methods.png", "bound_vs_K.png"} <= set(written)
     md = (tmp_path / "methods.md").read_text()
     assert "| sa_vae_k20 | sa_vae (K=20) | 1 | 93.50 | 98.00 | 103.50 |" in md and "| 2.000 |" in md
@@ -148,7 +157,7 @@ def test_methods_study_report(tmp_path):
     # one method only: no methods report
     other = tmp_path / "single"
     fake_run(other, "vae", 0, metrics={"test/nll": 90.0}, axes={**base, "method": "amortized"})
-    assert "methods.md" not in sweep.write_report(other, sweep.collect(other))
+    assert "methods.md" not in write_report(other, collect(other), reports=build_reports(["methods"]))
 
 
 def test_collect_falls_back_to_config_for_axes(tmp_path):
@@ -161,12 +170,12 @@ def test_collect_falls_back_to_config_for_axes(tmp_path):
     crashed = fake_run(tmp_path, "old_k5", 1, status=None)
     (crashed / ".hydra").mkdir()
     (crashed / ".hydra" / "config.yaml").write_text("importance_samples: {train: 5}\n")
-    [row] = sweep.collect(tmp_path)
+    [row] = collect(tmp_path)
     assert (row["k"], row["regularizer"], row["n_seeds"], row["n_failed"]) == (5, "none", 1, 1)
 
 
 def test_expand_settings_grid_and_setting_file(tmp_path):
-    study = sweep.load_study(study_file=write_study(tmp_path / "s.yaml", """
+    study = load_study(study_file=write_study(tmp_path / "s.yaml", """
 name: s
 grid: {importance_samples: [k1, k8]}
 settings:
@@ -174,7 +183,7 @@ settings:
   - {encoder_regularizer: denoising, encoder_regularizer.alpha: 0.5, encoder_regularizer.sigma: [0.1, 0.2]}
   - {id: wni, encoder_regularizer: weight_norm, encoder_regularizer.H: [5.0], +callbacks.x.step: '${seed}'}
 """))
-    settings = sweep.expand(study)
+    settings = expand(study)
     assert [s.id for s in settings] == [
         "none_k1", "none_k8", "denoising_alpha0.5_sigma0.1_k1", "denoising_alpha0.5_sigma0.1_k8",
         "denoising_alpha0.5_sigma0.2_k1", "denoising_alpha0.5_sigma0.2_k8", "wni_H5_k1", "wni_H5_k8"]
@@ -182,25 +191,30 @@ settings:
     assert s.series == "denoising_alpha0.5" and s.varied == ["encoder_regularizer.sigma"]
     assert s.overrides == {"encoder_regularizer": "denoising", "encoder_regularizer.alpha": 0.5,
                            "encoder_regularizer.sigma": 0.2, "importance_samples": "k8"}
-    text = sweep.setting_yaml(s, "s", {"tags": ["study:s"]})
+    text = setting_yaml(s, "s", {"tags": ["study:s"]})
     assert text.startswith("# @package _global_\n")
     assert "  - override /encoder_regularizer: denoising\n  - override /importance_samples: k8\n" in text
     assert "encoder_regularizer:\n  alpha: 0.5\n  sigma: 0.2\n" in text and "- study:s" in text
-    assert "callbacks:\n  x:\n    step: ${seed}\n" in sweep.setting_yaml(settings[-1], "s")
+    assert "callbacks:\n  x:\n    step: ${seed}\n" in setting_yaml(settings[-1], "s")
 
     study["settings"].append({"encoder_regularizer": "none"})
-    with pytest.raises(sweep.SweepError, match="two settings get the id 'none_k1'"):
-        sweep.expand(study)
+    with pytest.raises(SweepError, match="two settings get the id 'none_k1'"):
+        expand(study)
 
 
 def test_repository_studies_expand():
-    names = sweep.available_studies()
+    names = available_studies()
     assert {"air_table1_mnist", "air_table1_mnist_reduced", "air_strength", "air_reduced", "gaps_reduced",
             "sa_vae_reduced", "sa_vae_omniglot_paper", "methods_reduced"} <= set(names)
     for name in names:
-        study = sweep.load_study(name)
-        settings = sweep.expand(study)
+        study = load_study(name)
+        settings = expand(study)
         assert len({s.id for s in settings}) == len(settings) > 0
+        build_reports(study["reports"], where=name)  # every report the study names exists
+        assert study["reports"] == {"gaps_reduced": ["gaps"], "gaps_annealing_reduced": ["gaps"],
+                                    "methods_reduced": ["gaps", "methods", "bound_vs_k"],
+                                    "sa_vae_reduced": ["methods", "bound_vs_k"],
+                                    "sa_vae_omniglot_paper": ["methods", "bound_vs_k"]}.get(name, []), name
         ks = {s.overrides.get("importance_samples") for s in settings}
         expected = {"air_reduced": {"k1"}, "air_strength": {"k1", "k8", "k64"}, "air_table1_mnist": {"k1", "k8", "k64"},
                     "air_table1_mnist_reduced": {"k1", "k8", "k64"}}.get(name, {None})
@@ -212,10 +226,10 @@ def test_repository_study_settings_build():
     a key an overlay sets that the chosen method does not take fails here, not hours into a sweep."""
     from amortlab.run import build_module, compose_config
 
-    for name in sweep.available_studies():
-        study = sweep.load_study(name)
-        for s in sweep.expand(study):
-            overrides = [*study.get("base", []), *(f"{k}={sweep._override_value(v)}" for k, v in s.overrides.items()),
+    for name in available_studies():
+        study = load_study(name)
+        for s in expand(study):
+            overrides = [*study.get("base", []), *(f"{k}={override_value(v)}" for k, v in s.overrides.items()),
                          "logger=none", "x_dim=784", "data_dir=/nonexistent"]
             module = build_module(compose_config(overrides))
             assert module.k_train >= 1, (name, s.id)
@@ -226,21 +240,21 @@ def test_plan_groups_by_seed_set_and_resumes_crashed_runs(tmp_path):
     ckpt = tmp_path / "runs" / "d" / "seed0" / "checkpoints"
     ckpt.mkdir(parents=True)
     (ckpt / "last.ckpt").write_bytes(b"")
-    launches = sweep.plan_launches(pairs, tmp_path)
+    launches = plan_launches(pairs, tmp_path)
     assert [(l.settings, l.seeds, l.resume_from) for l in launches] == [
         (["a", "b"], [0, 1], None), (["c"], [1], None), (["d"], [0], str(ckpt / "last.ckpt"))]
-    cmd = sweep.launch_command(launches[0], tmp_path, ["logger=none"], "basic", [], "st")
+    cmd = launch_command(launches[0], tmp_path, ["logger=none"], "basic", [], "st")
     assert "+setting=a,b" in cmd and "seed=0,1" in cmd and "skip_if_done=true" in cmd
     assert "hydra.sweep.subdir=${hydra:runtime.choices.setting}/seed${seed}" in cmd
 
 
 def test_bad_arguments_and_dry_run(tmp_path, capsys):
-    assert sweep.main(["study=no_such_study"]) == 2
+    assert main(["study=no_such_study"]) == 2
     err = capsys.readouterr().err
     assert "No study 'no_such_study'" in err and "air_strength" in err and "study_file=" in err
-    assert sweep.main(["study=air_strength", "seed=3"]) == 2
+    assert main(["study=air_strength", "seed=3"]) == 2
     assert "seeds=[0,1" in capsys.readouterr().err
-    assert sweep.main(["study=air_strength", "oops"]) == 2
+    assert main(["study=air_strength", "oops"]) == 2
     assert "is not key=value" in capsys.readouterr().err
 
     study = write_study(tmp_path / "tiny.yaml", f"""
@@ -249,14 +263,14 @@ base: {TINY_BASE}
 settings: [{{encoder_regularizer: none}}]
 """)
     out = tmp_path / "out"
-    assert sweep.main([f"study_file={study}", f"out_dir={out}", "trainer.no_such_key=1", "dry_run=true"]) == 2
+    assert main([f"study_file={study}", f"out_dir={out}", "trainer.no_such_key=1", "dry_run=true"]) == 2
     err = capsys.readouterr().err
     assert "does not compose" in err and "no_such_key" in err
-    assert sweep.main([f"study_file={study}", f"out_dir={out}", "importance_samples=k5", "grid.importance_samples=[k1]",
+    assert main([f"study_file={study}", f"out_dir={out}", "importance_samples=k5", "grid.importance_samples=[k1]",
                        "dry_run=true"]) == 2
     assert "varied by the study" in capsys.readouterr().err
 
-    assert sweep.main([f"study_file={study}", f"out_dir={out}", "seeds=[0,1]", "dry_run=true",
+    assert main([f"study_file={study}", f"out_dir={out}", "seeds=[0,1]", "dry_run=true",
                        "launcher=joblib"]) == 0
     text = capsys.readouterr().out
     assert "2 new -> launching 2" in text and "+setting=none seed=0,1" in text

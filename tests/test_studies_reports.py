@@ -1,0 +1,99 @@
+"""Report plug-ins (amortlab.studies.reports): a study's ``reports:`` picks them by short name or by ``_target_``;
+an unknown name is a readable error; a study without ``reports:`` writes only the generic outputs."""
+import json
+from pathlib import Path
+
+import pytest
+
+from amortlab.studies.cli import main
+from amortlab.studies.reports import REPORTS, build_reports
+from amortlab.studies.reports.gaps import GapsReport
+from amortlab.studies.spec import SweepError
+
+GENERIC = {"table.csv", "table.md", "study.json", "nll_vs_strength.png"}
+
+
+class SettingsReport:
+    """A report defined outside the package: one line per setting into ``<file>``."""
+
+    name = "settings_list"
+
+    def __init__(self, file: str = "settings.txt", prefix: str = "-"):
+        self.file, self.prefix = file, prefix
+
+    def write(self, rows, out_dir: Path) -> dict[str, Path]:
+        path = out_dir / self.file
+        path.write_text("".join(f"{self.prefix} {r['setting']} {r['n_seeds']}\n" for r in rows))
+        return {self.file: path}
+
+
+def gap_runs(out: Path) -> None:
+    """Two settings, one seed, two methods, with the gap metrics: what the old hard-coded gaps and methods reports
+    would have fired on."""
+    for sid, method, amort in (("a", "amortized", 1.5), ("b", "sa_vae", 3.0)):
+        d = out / "runs" / sid / "seed0"
+        d.mkdir(parents=True)
+        metrics = {"test/nll": 90.0, "test/neg_elbo": 95.0, "test/gap/log_px": -90.0, "test/gap/L_q": -91.2 - amort,
+                   "test/gap/approximation": 1.2, "test/gap/amortization": amort, "test/gap/inference": 1.2 + amort}
+        axes = {"method": method, "regularizer": "none", "strength": None, "k": 1}
+        (d / "results.json").write_text(json.dumps({"status": "ok", "metrics": metrics, "axes": axes}))
+
+
+def study_file(tmp_path: Path, reports: str | None) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text("name: plug\nsettings:\n  - {id: a, inference: amortized}\n  - {id: b, inference: sa_vae}\n"
+                    + (f"reports: {reports}\n" if reports is not None else ""))
+    return path
+
+
+def collect_only(tmp_path: Path, reports: str | None) -> tuple[int, Path]:
+    out = tmp_path / "out"
+    gap_runs(out)
+    rc = main([f"study_file={study_file(tmp_path, reports)}", f"out_dir={out}", "collect_only=true"])
+    return rc, out
+
+
+def files(out: Path) -> set[str]:
+    return {p.name for p in out.iterdir() if p.is_file()}
+
+
+def test_reports_by_short_name_and_by_target(tmp_path, capsys):
+    rc, out = collect_only(tmp_path, "[gaps, {_target_: tests.test_studies_reports.SettingsReport, file: s.txt, "
+                                     "prefix: '*'}]")
+    assert rc == 0
+    assert files(out) == GENERIC | {"gaps.md", "gaps.png", "s.txt"}  # no methods report: the study did not ask
+    assert (out / "s.txt").read_text() == "* a 1\n* b 1\n"
+    assert "| Amortization | 1.50 | 3.00 |" in (out / "gaps.md").read_text()
+    assert "wrote " in capsys.readouterr().out
+    manifest = json.loads((out / "study.json").read_text())
+    assert manifest["reports"] == ["gaps", {"_target_": "tests.test_studies_reports.SettingsReport", "file": "s.txt",
+                                            "prefix": "*"}]
+
+
+def test_study_without_reports_writes_only_the_generic_outputs(tmp_path):
+    rc, out = collect_only(tmp_path, None)
+    assert rc == 0 and files(out) == GENERIC
+    assert json.loads((out / "study.json").read_text())["reports"] == []
+
+
+def test_unknown_report_is_a_readable_error(tmp_path, capsys):
+    rc, out = collect_only(tmp_path, "[gaps, gapz]")
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "unknown report 'gapz'" in err and "Known reports: bound_vs_k, gaps, methods" in err and "_target_" in err
+    assert not (out / "table.md").exists()  # nothing written
+
+    with pytest.raises(SweepError, match="cannot be built.*no_such_module"):
+        build_reports([{"_target_": "no_such_module.Report"}])
+    with pytest.raises(SweepError, match="neither a report name nor a mapping with _target_"):
+        build_reports([{"file": "x"}])
+    rc = main([f"study_file={study_file(tmp_path, 'gaps')}", "collect_only=true"])
+    assert rc == 2 and "'reports' must be a list" in capsys.readouterr().err
+
+
+def test_registered_reports_are_built_by_name():
+    assert set(REPORTS) == {"gaps", "methods", "bound_vs_k"}
+    built = build_reports(list(REPORTS))
+    assert [r.name for r in built] == list(REPORTS)
+    assert isinstance(built[0], GapsReport)
+    assert build_reports([]) == []
