@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-import amortlab.config  # noqa: F401  (registers the typed schema `base_config`)
+import amortlab.schemas  # noqa: F401  (registers the typed schemas the config groups select)
 from amortlab.errors import AmortlabError
 
 

@@ -12,9 +12,6 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from amortlab.evaluation.ais import AISConfig
-from amortlab.evaluation.gaps import GapsConfig
-from amortlab.evaluation.iw_svi import SVIConfig
 
 
 @dataclass
@@ -28,11 +25,12 @@ class ImportanceSamples:
 
 @dataclass
 class Evaluation:
-    """How the final numbers are computed (the ``evaluation`` group: ``iwae`` [default] or ``iw_svi``).
+    """How the final numbers are computed (the ``evaluation`` group: ``iwae`` [default], ``iw_svi`` or ``gaps``).
 
-    estimator: ``iwae`` = IWAE-k from the amortized q; ``iw_svi`` = refine each point's q first (``svi``), then IWAE-k;
-        ``gaps`` = the inference-gap decomposition with per-point q* (``gaps``; evaluation/gaps.py).
-    svi: IW-SVI settings (steps, lr, k of the refined bound, select_k, log-variance clamp); see evaluation/iw_svi.py.
+    estimator: the log p(x) estimator, built by Hydra (``_target_``; ``amortlab.evaluation.protocol.Estimator``):
+        ``iwae`` = IWAE-k from the method's q; ``iw_svi`` = refine each point's q first, then IWAE-k; ``gaps`` = the
+        inference-gap decomposition with per-point q*. Its settings and defaults live in its dataclass
+        (``SVIConfig``, ``GapsConfig``), which the group's yaml selects as schema.
     rows: decoder rows per evaluation chunk (chunk = rows // batch samples; ~1000 is right for CPUs).
     seed: seed of the evaluation noise (per batch, independent of the world size).
     ckpt: which weights are evaluated after training: ``best`` (lowest val/nll) or ``last``.
@@ -41,10 +39,7 @@ class Evaluation:
         e.g. the amortization gap on the points the encoder was trained on (Cremer et al.'s gap code uses those).
     """
 
-    estimator: str = "iwae"
-    svi: SVIConfig = field(default_factory=SVIConfig)
-    gaps: GapsConfig = field(default_factory=GapsConfig)
-    ais: AISConfig = field(default_factory=AISConfig)
+    estimator: Any = None
     rows: int = 1000
     seed: int = 0
     ckpt: str = "best"
@@ -63,13 +58,13 @@ class Config:
     annealing: Any = None
     trainer: Any = MISSING
     logger: Any = None
-    callbacks: Any = field(default_factory=dict)
+    callbacks: Any = field(default_factory=dict)  # name -> Lightning callback node (conf/callbacks/default.yaml)
     evaluation: Evaluation = field(default_factory=Evaluation)
     seed: int = 0
-    data_dir: Optional[str] = None
-    train: bool = True
+    data_dir: Optional[str] = "${oc.env:AMORTLAB_DATA,null}"  # $AMORTLAB_DATA; null -> ~/.cache/amortlab/data
+    train: bool = True  # false: evaluate ckpt_path only
     test: bool = True
-    ckpt_path: Optional[str] = None
+    ckpt_path: Optional[str] = None  # resume training from it (train=true) or evaluate it (train=false)
     skip_if_done: bool = False  # return at once if the run dir already holds results.json with status ok (sweeps)
     x_dim: Optional[int] = None  # filled in from the dataset before the model is built
     name: Optional[str] = None  # run name (W&B); default: derived from method, dataset, regularizer, k

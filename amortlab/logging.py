@@ -1,6 +1,7 @@
-"""Logger set-up (W&B offline by default) and the results.json writer."""
+"""Logger set-up (W&B offline by default), what a logger does with the final results, and the results.json writer."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -8,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Any
+
+from amortlab.errors import AmortlabError
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
@@ -31,7 +34,6 @@ def resolve_wandb_mode(mode: str | None) -> str:
     if mode == "dryrun":
         mode = "offline"
     if mode not in WANDB_MODES:
-        from amortlab.errors import AmortlabError
         raise AmortlabError(f"logger.mode={mode!r} is not one of {', '.join(WANDB_MODES)}; use offline (default "
                             f"without a key), online (needs WANDB_API_KEY or `wandb login`) or disabled.")
     if mode == "auto":
@@ -50,6 +52,31 @@ def make_wandb_logger(save_dir: str, project: str = "amortlab", mode: str | None
     return WandbLogger(save_dir=save_dir, project=project, mode=mode, name=name, group=group,
                        tags=list(tags or []), entity=entity, log_model=log_model,
                        settings=_wandb_settings(mode))
+
+
+@functools.singledispatch
+def finish_logger(logger, metrics: dict[str, Any], status: str = "success") -> None:
+    """Hand the run's final metrics to ``logger`` and close it. Any Lightning logger: ``finalize(status)`` (the
+    metrics were logged as they were computed); a logger type that keeps a run summary registers its own rule."""
+    logger.finalize(status)
+
+
+def _finish_wandb(logger, metrics: dict[str, Any], status: str = "success") -> None:
+    """W&B: the final metrics go into the run summary (the dashboard's table columns), then the run is closed."""
+    import wandb
+
+    logger.experiment.summary.update(metrics)
+    logger.finalize(status)
+    wandb.finish()
+
+
+def _register_wandb() -> None:
+    from lightning.pytorch.loggers import WandbLogger  # the class only; wandb itself is imported when a run starts
+
+    finish_logger.register(WandbLogger, _finish_wandb)
+
+
+_register_wandb()
 
 
 def _wandb_settings(mode: str):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import Metric
 
 
@@ -69,4 +69,50 @@ class ActiveUnits(Metric):
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         self.total, self.total_sq, self.count = self.total.double(), self.total_sq.double(), self.count.double()
+        return out
+
+
+def _key(name: str) -> str:
+    return name.replace("/", "__")  # ModuleDict keys cannot hold dots or slashes; keep them readable
+
+
+class SplitMetrics(nn.Module):
+    """Exact means over one split of named per-point values ``[B]`` (``ExactMean`` each) and the active-unit count
+    of the posterior means ``z_mean`` ``[B, Z]``; ``compute(split)`` returns ``{"<split>/<name>": float}`` (with
+    ``<split>/n_points``, all ranks, and ``<split>/active_units``) and resets."""
+
+    def __init__(self, names, z_dim: int):
+        super().__init__()
+        self.names: list[str] = []
+        self.means = nn.ModuleDict()
+        self.units = ActiveUnits(z_dim)
+        self.add(*names)
+
+    def add(self, *names: str) -> None:
+        for name in names:
+            if name not in self.names:
+                self.names.append(name)
+                self.means[_key(name)] = ExactMean()
+
+    def update(self, values: dict[str, Tensor], z_mean: Tensor) -> None:
+        unknown = sorted(set(values) - set(self.names))
+        if unknown:
+            raise KeyError(f"evaluation values {unknown} were never registered (a method registers its own with "
+                           f"register_eval_metrics; an estimator lists them in metric_names)")
+        for name, v in values.items():
+            self.means[_key(name)].update(v)
+        self.units.update(z_mean)
+
+    def compute(self, split: str) -> dict[str, float | int]:
+        out: dict[str, float | int] = {}
+        for name in self.names:
+            metric = self.means[_key(name)]
+            if metric.update_count:
+                out[f"{split}/{name}"] = float(metric.compute())
+                if name == "nll":
+                    out[f"{split}/n_points"] = int(metric.count)  # all ranks; < split size with limit_*_batches
+            metric.reset()
+        if self.units.update_count:
+            out[f"{split}/active_units"] = int(self.units.compute())
+            self.units.reset()
         return out

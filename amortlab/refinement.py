@@ -35,6 +35,7 @@ from torch import Tensor
 
 from amortlab.errors import AmortlabError
 from amortlab.objectives import LOG_2PI, k_sample_bound
+from amortlab.settings import register_schema
 
 HVP_MODES = ("exact", "finite_difference")
 
@@ -61,6 +62,9 @@ class RefinementConfig:
                 f"inference.refinement needs steps >= 0, lr > 0, 0 <= momentum < 1 and hvp in {list(HVP_MODES)}; "
                 f"got steps={self.steps}, lr={self.lr}, momentum={self.momentum}, hvp={self.hvp!r}. Fix the "
                 f"value, e.g. inference.refinement.steps=20 inference.refinement.hvp=exact.")
+
+
+register_schema("refinement", "default", RefinementConfig)  # conf/inference/sa_vae.yaml selects it
 
 
 # f(lambda, eps) -> per-example loss [B]; the decoder's parameters are read from the module inside

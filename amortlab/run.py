@@ -20,10 +20,12 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from amortlab.callbacks import ImagePanels, Throughput
+from amortlab.callbacks import Throughput
 from amortlab.data.download import default_data_dir
 from amortlab.errors import AmortlabError, NonFiniteLossError
-from amortlab.logging import git_commit, versions, write_results
+from amortlab.evaluation.final import evaluate
+from amortlab.logging import finish_logger, git_commit, versions, write_results
+from amortlab.methods.base import migrate_state_dict
 
 MODEL_GROUPS = ("dataset", "model", "inference", "encoder_regularizer")  # what a checkpoint's weights depend on
 
@@ -46,7 +48,7 @@ def load_checkpoint_config(ckpt_path: str) -> dict | None:
     if not path.is_file():
         raise AmortlabError(f"ckpt_path={ckpt_path} does not exist. Point ckpt_path at a checkpoint written by "
                             f"train.py (e.g. <run dir>/checkpoints/last.ckpt or best.ckpt).")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     return ckpt.get("amortlab_config")
 
 
@@ -72,42 +74,34 @@ def prepare_config(cfg: DictConfig) -> DictConfig:
 
 
 def build_module(cfg: DictConfig):
-    """The method: ``inference`` instantiated with the model's decoder (and encoder where it names one)."""
+    """The method: ``inference`` instantiated with the generative model (``model.generative``), the estimator
+    (``evaluation.estimator``) and the regularizer; refuses incompatible choices before anything is trained."""
+    check_settings(cfg)
     regularizer = _instantiate(cfg.encoder_regularizer, "encoder_regularizer")
     optim = {
         "optimizer": _instantiate(cfg.optim.optimizer, "optim.optimizer"),
         "lr_scheduler": _instantiate(cfg.optim.lr_scheduler, "optim.lr_scheduler") if cfg.optim.get(
             "lr_scheduler") else None,
-        "interval": cfg.optim.get("interval", "epoch"),
+        "interval": cfg.optim.get("interval"),
     }
-    module = _instantiate(cfg.inference, "inference", decoder=cfg.model.decoder, regularizer=regularizer,
+    estimator = _instantiate(cfg.evaluation.estimator, "evaluation.estimator", _convert_="all")
+    evaluation = {k: v for k, v in OmegaConf.to_container(cfg.evaluation).items() if k != "estimator"}
+    module = _instantiate(cfg.inference, "inference", model=cfg.model.generative, regularizer=regularizer,
                           importance_samples=OmegaConf.to_container(cfg.importance_samples),
-                          optim=optim, evaluation=OmegaConf.to_container(cfg.evaluation))
+                          optim=optim, evaluation=evaluation, estimator=estimator)
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
-    check_compatible(cfg)
+    module.check_compatible()
     return module
 
 
-def check_compatible(cfg: DictConfig) -> None:
-    """Refuse combinations that cannot work, before anything is trained."""
+def check_settings(cfg: DictConfig) -> None:
+    """Refuse run settings that cannot work, before anything is built."""
     if cfg.evaluation.ckpt not in ("best", "last"):
         raise AmortlabError(f"evaluation.ckpt={cfg.evaluation.ckpt!r} is unknown: use 'best' (lowest val/nll) "
                             f"or 'last'.")
     if int(cfg.evaluation.get("train_points") or 0) < 0:
         raise AmortlabError(f"evaluation.train_points={cfg.evaluation.train_points} must be >= 0 (the number of "
                             f"training images to evaluate after the test split; 0 = none).")
-    encoder = str(OmegaConf.select(cfg, "model.encoder._target_", default="") or "")
-    if cfg.evaluation.estimator == "iw_svi" and encoder.endswith("FlowEncoder"):
-        raise AmortlabError("evaluation=iw_svi refines a Gaussian q per point, but posterior=flow gives a flow q. "
-                            "Use evaluation=gaps (per-point q* of both the Gaussian and the flow family) or "
-                            "evaluation=iwae with posterior=flow, or posterior=gaussian with evaluation=iw_svi.")
-    target = str(OmegaConf.select(cfg, "inference._target_", default="") or "")
-    if cfg.evaluation.estimator == "iw_svi" and target.endswith("RecursiveMixtureVAE") and int(
-            OmegaConf.select(cfg, "inference.components", default=1)) > 1:
-        raise AmortlabError("evaluation=iw_svi refines one Gaussian q per point, but inference=recursive_mixture "
-                            "with components > 1 gives a mixture q (IW-SVI would refine only its heaviest "
-                            "component). Use evaluation=iwae or evaluation=gaps with the mixture, or "
-                            "inference.components=1.")
 
 
 def run_name(cfg: DictConfig, module) -> str:
@@ -115,19 +109,45 @@ def run_name(cfg: DictConfig, module) -> str:
         "DataModule", "").lower(), f"s{cfg.seed}"])
 
 
-def build_logger(cfg: DictConfig, module, out_dir: Path, data_name: str):
+def build_logger(cfg: DictConfig, module, data_name: str):
+    """The configured logger (False for ``logger=none``), after the run's name and tags are filled in (the logger
+    yaml interpolates ``${name}``, ``${group}``, ``${tags}`` where it uses them)."""
     if not cfg.logger:
         return False
-    tags = [*module.tags(), f"data:{data_name}", *cfg.tags]
-    kwargs: dict[str, Any] = {}
-    target = cfg.logger.get("_target_", "")
-    if target.endswith("make_wandb_logger"):
-        kwargs = {"tags": tags, "group": cfg.group or cfg.logger.get("group"), "name": run_name(cfg, module)}
-    return _instantiate(cfg.logger, "logger", **kwargs)
+    with open_dict(cfg):
+        cfg.name = run_name(cfg, module)
+        cfg.tags = [*module.tags(), f"data:{data_name}", *cfg.tags]
+    return _instantiate(cfg.logger, "logger")
 
 
-def _checkpoints(best_cb, last_cb) -> dict[str, str | None]:
-    return {"last": last_cb.best_model_path or None, "best": (best_cb.best_model_path or None) if best_cb else None}
+def build_callbacks(cfg: DictConfig, validates: bool) -> dict[str, L.Callback]:
+    """The ``callbacks`` group, by name; entries that are null or have a null ``_target_`` (annealing=none) are
+    skipped, and a checkpoint that monitors a val/ metric is dropped when validation is off."""
+    out = {}
+    for name, node in (cfg.callbacks or {}).items():
+        if not node or not node.get("_target_"):
+            continue
+        cb = _instantiate(node, f"callbacks.{name}")
+        if isinstance(cb, ModelCheckpoint) and str(cb.monitor or "").startswith("val/") and not validates:
+            continue
+        out[name] = cb
+    return out
+
+
+def _checkpoints(callbacks: dict[str, L.Callback]) -> dict[str, str | None]:
+    """{"best": path, "last": path}: each checkpoint callback's file, by its name without ``checkpoint_``."""
+    return {name.removeprefix("checkpoint_"): cb.best_model_path or None for name, cb in callbacks.items()
+            if isinstance(cb, ModelCheckpoint)}
+
+
+def load_weights(module, ckpt_path: str) -> None:
+    """Load a train.py checkpoint's weights into ``module`` (tensors only: ``weights_only=True``)."""
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read is reported the same way
+        raise AmortlabError(f"Cannot read the checkpoint {ckpt_path} ({type(e).__name__}: {e}). Point ckpt_path at "
+                            f"a checkpoint written by train.py (<run dir>/checkpoints/best.ckpt or last.ckpt).") from e
+    module.load_state_dict(migrate_state_dict(ckpt["state_dict"]))
 
 
 def quiet_lightning() -> None:
@@ -161,27 +181,17 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     if cfg.train and not cfg.ckpt_path:
         module.init_output_bias(dm.train_mean)
 
-    throughput = Throughput()
     validates = cfg.trainer.get("limit_val_batches") not in (0, 0.0)
-    # best.ckpt: lowest val/nll. last.ckpt: every epoch (Lightning >= 2.5 refreshes a monitored callback's
-    # save_last only when the monitored value improves, which is no use for resuming), written after validation.
-    best_cb = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="best", monitor="val/nll", mode="min",
-                              save_top_k=1, enable_version_counter=False) if validates else None
-    last_cb = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
-                              every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
-    callbacks = [c for c in (best_cb, last_cb) if c] + [throughput, ImagePanels(str(out_dir / "images"), seed=cfg.seed)]
-    if cfg.annealing and cfg.annealing.get("_target_"):  # annealing=none has _target_: null
-        callbacks.append(_instantiate(cfg.annealing, "annealing"))
-    callbacks += [_instantiate(c, f"callbacks.{name}") for name, c in (cfg.callbacks or {}).items() if c]
-    logger = build_logger(cfg, module, out_dir, dm.name)
-    trainer: L.Trainer = _instantiate(cfg.trainer, "trainer", logger=logger, callbacks=callbacks)
-    if logger and hasattr(logger, "log_hyperparams"):
+    callbacks = build_callbacks(cfg, validates)
+    logger = build_logger(cfg, module, dm.name)
+    trainer: L.Trainer = _instantiate(cfg.trainer, "trainer", logger=logger, callbacks=list(callbacks.values()))
+    if logger:
         logger.log_hyperparams(module.run_config)
 
     results: dict[str, Any] = {
         "status": "running", "metrics": {}, "data": dm.info(), "config": module.run_config,
         "versions": versions(), "git_commit": git_commit(), "timing": {}, "out_dir": str(out_dir),
-        "tags": module.tags(), "axes": module.axes(),
+        "tags": module.tags(), "axes": module.axes(), "estimator": module.estimator.name,
     }
     timing = results["timing"]
     eval_ckpt = cfg.ckpt_path
@@ -190,88 +200,67 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         try:
             trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
         except NonFiniteLossError as e:
-            results.update(status="failed", error=str(e), checkpoints=_checkpoints(best_cb, last_cb))
+            results.update(status="failed", error=str(e), checkpoints=_checkpoints(callbacks))
             if trainer.is_global_zero:
                 write_results(out_dir / "results.json", results)
             raise
         timing["fit_s"] = round(time.perf_counter() - t0, 3)
-        timing["train_images_per_s"] = round(throughput.images_per_s, 1) if throughput.images_per_s else None
+        throughput = next((c for c in callbacks.values() if isinstance(c, Throughput)), None)
+        timing["train_images_per_s"] = round(throughput.images_per_s, 1) if throughput and \
+            throughput.images_per_s else None
         timing["epochs"] = trainer.current_epoch
         timing["steps"] = trainer.global_step
         if trainer.interrupted:
             results["status"] = "interrupted"
-        best = best_cb.best_model_path if best_cb else ""
+        best = _checkpoints(callbacks).get("best") or ""
         eval_ckpt = best if (cfg.evaluation.ckpt == "best" and best) else None  # None: the final weights
-    results["checkpoints"] = {"evaluated": eval_ckpt or "final weights", **_checkpoints(best_cb, last_cb)}
+    results["checkpoints"] = {"evaluated": eval_ckpt or "final weights", **_checkpoints(callbacks)}
 
     if cfg.test:
-        module.k_val = module.k_test  # the final numbers use the test estimator on both splits
-        module.final_evaluation = True
-        t0 = time.perf_counter()
-        if cfg.evaluation.val:
-            trainer.validate(module, datamodule=dm, ckpt_path=eval_ckpt, verbose=False)
-            results["metrics"].update(module.eval_results["val"])
-        t1 = time.perf_counter()
-        trainer.test(module, datamodule=dm, ckpt_path=eval_ckpt, verbose=False)
-        results["metrics"].update(module.eval_results["test"])
-        timing["val_s"] = round(t1 - t0, 3)
-        timing["test_s"] = round(time.perf_counter() - t1, 3)
-        n_test = results["metrics"].get("test/n_points", results["data"]["test_size"])  # limit_test_batches aware
-        timing["test_images_per_s"] = round(n_test / max(timing["test_s"], 1e-9), 2)
-        if cfg.evaluation.get("train_points"):
-            t2 = time.perf_counter()
-            results["metrics"].update(evaluate_training_points(trainer, module, dm, int(cfg.evaluation.train_points),
-                                                               eval_ckpt))
-            timing["train_eval_s"] = round(time.perf_counter() - t2, 3)
+        if eval_ckpt:
+            load_weights(module, eval_ckpt)
+        results["metrics"].update(final_evaluation(trainer, module, dm, cfg, timing))
     if results["status"] == "running":
         results["status"] = "ok"
-    if cfg.test and cfg.evaluation.estimator == "gaps" and trainer.is_global_zero:
-        from amortlab.evaluation.gaps import gap_table
-
-        name, text = run_name(cfg, module), []
-        for split in ("test", "train"):
-            n = results["metrics"].get(f"{split}/n_points")
-            if n:
-                text.append(f"Inference-gap decomposition, {split} split ({n} points, nats)\n\n"
-                            + gap_table({name: results["metrics"]}, split))
-        (out_dir / "gaps.md").write_text("\n".join(text))
-        if module.z_dim == 2:
-            draw_posteriors(module, dm, cfg, out_dir / "images" / "posteriors.png", logger)
+    if cfg.test and trainer.is_global_zero:
+        module.estimator.after_run(module, dm, results["metrics"], out_dir, run_name(cfg, module), logger,
+                                   int(cfg.evaluation.seed))
     if trainer.is_global_zero:
         path = write_results(out_dir / "results.json", results)
-        if logger and hasattr(logger, "experiment") and cfg.logger.get("_target_", "").endswith("make_wandb_logger"):
-            logger.experiment.summary.update(results["metrics"])
         print(summary(results, path), file=sys.stdout, flush=True)
-    if logger and hasattr(logger, "finalize"):
+    if logger and trainer.is_global_zero:
+        finish_logger(logger, results["metrics"])
+    elif logger:
         logger.finalize("success")
-    if logger and cfg.logger.get("_target_", "").endswith("make_wandb_logger") and trainer.is_global_zero:
-        import wandb
-        wandb.finish()
     return results
 
 
-def draw_posteriors(module, dm, cfg, path: Path, logger, n_points: int = 4) -> None:
-    """Cremer et al.'s posterior figure for a 2-D latent model (first ``n_points`` test points): PNG + W&B image."""
-    from amortlab.evaluation.posterior_plot import draw_gap_posteriors
-
-    x = next(iter(dm.eval_dataloader("test", n_points))).x.to(module.device)
-    g = torch.Generator(device=x.device).manual_seed(int(cfg.evaluation.seed))
-    module.eval()
-    draw_gap_posteriors(module, x, module.gaps_cfg, path, g)
-    if logger is not None and hasattr(logger, "log_image"):
-        logger.log_image(key="images/posteriors", images=[str(path)])
-
-
-def evaluate_training_points(trainer: L.Trainer, module, dm, n: int, ckpt: str | None) -> dict[str, float]:
-    """The final evaluation of the first ``n`` training images (keys ``train/...``), beside the test split's:
-    the same estimator, k and seeds; ``trainer.limit_test_batches`` does not apply (``n`` says how many)."""
-    module.test_split, limit = "train", trainer.limit_test_batches
-    trainer.limit_test_batches = 1.0
-    try:
-        trainer.test(module, dataloaders=dm.eval_dataloader("train", n), ckpt_path=ckpt, verbose=False)
-    finally:
-        module.test_split, trainer.limit_test_batches = "test", limit
-    return module.eval_results["train"]
+def final_evaluation(trainer: L.Trainer, module, dm, cfg: DictConfig, timing: dict[str, Any]) -> dict[str, Any]:
+    """The final numbers: the configured estimator with k = importance_samples.test on the validation split
+    (``evaluation.val``), the test split and the first ``evaluation.train_points`` training images (``train/...``:
+    the same estimator, k and seeds; ``trainer.limit_test_batches`` does not apply there, N says how many)."""
+    metrics: dict[str, Any] = {}
+    k, est = module.k_test, module.estimator
+    t0 = time.perf_counter()
+    if cfg.evaluation.val:
+        metrics.update(evaluate(trainer, module, dm.val_dataloader(), "val", k, est))
+    t1 = time.perf_counter()
+    metrics.update(evaluate(trainer, module, dm.test_dataloader(), "test", k, est))
+    timing["val_s"] = round(t1 - t0, 3)
+    timing["test_s"] = round(time.perf_counter() - t1, 3)
+    n_test = metrics.get("test/n_points", dm.info()["test_size"])  # limit_test_batches aware
+    timing["test_images_per_s"] = round(n_test / max(timing["test_s"], 1e-9), 2)
+    n_train = int(cfg.evaluation.get("train_points") or 0)
+    if n_train:
+        t2 = time.perf_counter()
+        limit = trainer.limit_test_batches
+        trainer.limit_test_batches = 1.0
+        try:
+            metrics.update(evaluate(trainer, module, dm.eval_dataloader("train", n_train), "train", k, est))
+        finally:
+            trainer.limit_test_batches = limit
+        timing["train_eval_s"] = round(time.perf_counter() - t2, 3)
+    return metrics
 
 
 def summary(results: dict[str, Any], path: Path) -> str:
@@ -283,7 +272,7 @@ def summary(results: dict[str, Any], path: Path) -> str:
         return f"{v:10.3f}" if isinstance(v, float) and math.isfinite(v) else f"{'-':>10}"
 
     k = cfg["importance_samples"]["test"]
-    est = cfg["evaluation"]["estimator"]
+    est = results["estimator"]
     name = f"NLL (IWAE-{k})" if est == "iwae" else f"NLL ({est}, IWAE-{k})"
     lines = [
         "",
@@ -321,7 +310,7 @@ def compose_config(overrides: list[str] | None = None, output_dir: str | Path | 
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
-    import amortlab.config  # noqa: F401
+    import amortlab.schemas  # noqa: F401
 
     conf_dir = str(Path(__file__).resolve().parent.parent / "conf")
     output_dir = str(output_dir or tempfile.mkdtemp(prefix="amortlab-"))

@@ -7,8 +7,8 @@
 
 Both estimates run on the 784-200-200-50 model (model=burda_mlp) and binarized MNIST test images, in the same
 process, each on all ``--points`` points as one batch (``--batch`` to split them): AIS is
-``amortlab.evaluation.ais.run_ais(module.decoder.log_prob, x, z_dim, AISConfig(...))``; IWAE-5000 is
-``module.evaluate_batch(Batch(x, 0), k=5000, estimator="iwae")``. Prints seconds per point for both, the ratio, the
+``amortlab.evaluation.ais.run_ais(module.model.log_likelihood, x, z_dim, AISConfig(...))``; IWAE-5000 is
+``module.evaluate_batch(Batch(x, 0), k=5000, estimator=None)``. Prints seconds per point for both, the ratio, the
 wall time extrapolated to the 10 000 test points, and the mean log p(x) estimates and AIS acceptance rate (the
 estimates mean something only with ``--ckpt``).
 """
@@ -64,7 +64,7 @@ def main() -> None:
         t0, out, acc = time.perf_counter(), [], []
         for i in range(0, len(X), bs):
             g = torch.Generator(device=X.device).manual_seed(i)
-            res = run_ais(module.decoder.log_prob, X[i:i + bs], module.z_dim, ais_cfg, g)
+            res = run_ais(module.model.log_likelihood, X[i:i + bs], module.z_dim, ais_cfg, g)
             out.append(res.log_px)
             acc.append(res.accept_rate)
         sync()
@@ -74,13 +74,13 @@ def main() -> None:
         sync()
         t0, out = time.perf_counter(), []
         for i in range(0, len(X), bs):
-            out.append(-module.evaluate_batch(Batch(X[i:i + bs], i), k=a.k, estimator="iwae")["nll"])
+            out.append(-module.evaluate_batch(Batch(X[i:i + bs], i), k=a.k, estimator=None)["nll"])
         sync()
         return (time.perf_counter() - t0) / len(X), torch.cat(out)
 
     # warm-up (allocator, kernels) on 2 points with a short AIS
-    run_ais(module.decoder.log_prob, X[:2], module.z_dim, dataclasses.replace(ais_cfg, n_intermediate=5))
-    module.evaluate_batch(Batch(X[:2], 0), k=100, estimator="iwae")
+    run_ais(module.model.log_likelihood, X[:2], module.z_dim, dataclasses.replace(ais_cfg, n_intermediate=5))
+    module.evaluate_batch(Batch(X[:2], 0), k=100, estimator=None)
 
     iwae_s, iwae_lp = time_iwae()
     ais_s, ais_lp, acc = time_ais()

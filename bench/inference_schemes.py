@@ -156,7 +156,7 @@ def main() -> None:
 
     # --- test-time refinement cost per point (the library's evaluation) ---
     infer = {}
-    for name, inf, K in cases:
+    for name, _inf, _K in cases:
         module, dm = modules[name]
         module.eval()
         x = dm.splits["test"][:a.eval_n]

@@ -37,7 +37,7 @@ def main() -> None:
     module, dm = build_from_overrides(["dataset=binarized_mnist", f"data_dir={a.data_dir}", "evaluation=iw_svi",
                                        "logger=none"])
     module.eval()
-    svi = module.svi_cfg
+    svi = module.estimator.cfg
     X = dm.splits["test"]
 
     def run(x: torch.Tensor) -> None:

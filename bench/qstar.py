@@ -41,7 +41,7 @@ def main() -> None:
     module, dm = build_from_overrides(["dataset=binarized_mnist", f"data_dir={a.data_dir}", "evaluation=gaps",
                                        "logger=none"])
     module.eval()
-    gaps = module.gaps_cfg
+    gaps = module.estimator.cfg
     cfg = dataclasses.replace(gaps.qstar, max_steps=a.steps, patience=10**9, select_k=0)
     X = dm.splits["test"]
 

@@ -1,8 +1,10 @@
 """Seeded runs on digits whose final metrics are pinned in ``tests/data/regression_metrics.json``.
 
 The pins were written by the code *before* the issue-15 refactor (model protocol, estimator objects, studies
-package); ``tests/test_regression.py`` re-runs the same configs and compares, so a refactor that changes behaviour
-fails. Regenerate (only for an intended change of numbers, and say so in the commit):
+package; the override paths of the estimators' settings moved from ``evaluation.svi`` / ``evaluation.gaps``
+to ``evaluation.estimator`` with it, the values did not); ``tests/test_regression.py`` re-runs the same configs and
+compares, so a refactor that changes behaviour fails. Regenerate (only for an intended change of numbers, and say so
+in the commit):
 
     AMORTLAB_DATA=../shared/data python -m tests.regression_runs --write
 """
@@ -19,18 +21,19 @@ PINS = Path(__file__).resolve().parent / "data" / "regression_metrics.json"
 COMMON = ["logger=none", "trainer.max_epochs=5", "importance_samples.test=100", "seed=3"]
 RUNS = {
     "default": [],
-    "iw_svi": ["evaluation=iw_svi", "evaluation.svi.steps=15", "evaluation.svi.select_reps=5",
+    "iw_svi": ["evaluation=iw_svi", "evaluation.estimator.steps=15", "evaluation.estimator.select_reps=5",
                "trainer.limit_test_batches=1", "evaluation.val=false"],
-    "gaps_flow": ["posterior=flow", "evaluation=gaps", "evaluation.gaps.qstar.max_steps=40",
-                  "evaluation.gaps.qstar.patience=10", "evaluation.gaps.qstar.k=5", "evaluation.gaps.reference_k=50",
-                  "evaluation.gaps.qstar.select_k=20", "evaluation.gaps.flow.hidden=20", "evaluation.train_points=20",
-                  "dataset.eval_batch_size=50", "trainer.limit_test_batches=1"],
+    "gaps_flow": ["posterior=flow", "evaluation=gaps", "evaluation.estimator.qstar.max_steps=40",
+                  "evaluation.estimator.qstar.patience=10", "evaluation.estimator.qstar.k=5",
+                  "evaluation.estimator.reference_k=50", "evaluation.estimator.qstar.select_k=20",
+                  "evaluation.estimator.flow.hidden=20", "evaluation.train_points=20", "dataset.eval_batch_size=50",
+                  "trainer.limit_test_batches=1"],
     "sa_vae_k5": ["inference=sa_vae", "inference.refinement.steps=3", "importance_samples=k5",
                   "trainer.limit_test_batches=1"],
     "recmix_gaps": ["inference=recursive_mixture", "inference.components=2", "evaluation=gaps",
-                         "evaluation.gaps.families=[ffg]", "evaluation.gaps.qstar.max_steps=30",
-                         "evaluation.gaps.qstar.k=5", "evaluation.gaps.reference_k=50",
-                         "evaluation.gaps.qstar.init=encoder", "trainer.limit_test_batches=1"],
+                    "evaluation.estimator.families=[ffg]", "evaluation.estimator.qstar.max_steps=30",
+                    "evaluation.estimator.qstar.k=5", "evaluation.estimator.reference_k=50",
+                    "evaluation.estimator.qstar.init=encoder", "trainer.limit_test_batches=1"],
     "iterative": ["inference=iterative", "inference.iterations=2", "inference.eval_elbo_samples=10",
                   "trainer.limit_test_batches=1", "encoder_regularizer=denoising"],
 }

@@ -31,7 +31,7 @@ from amortlab.errors import AmortlabError, ChecksumError, DatasetNotFoundError
 REPO = Path(__file__).resolve().parents[1]
 
 
-# --- fixtures: a known asymmetric shape and small files in each on-disk format -----------------------------------------
+# --- fixtures: a known asymmetric shape and small files in each on-disk format ----------------------------------------
 def letter_l() -> np.ndarray:
     """An upright "L" (28x28, row-major meaning: img[row, col]): vertical bar on the left, foot at the bottom."""
     img = np.zeros((28, 28), dtype=np.uint8)
@@ -423,7 +423,7 @@ def test_read_idx_corrupt(tmp_path):
         "trailing bytes": raw + b"\x00",
         "empty": b"",
     }
-    for what, content in cases.items():
+    for content in cases.values():
         (tmp_path / "bad").write_bytes(content)
         with pytest.raises(AmortlabError, match="IDX file"):
             read_idx(tmp_path / "bad")
@@ -485,7 +485,7 @@ def test_idx_missing(tmp_path, cls):
     assert listing(tmp_path) == []
 
 
-# --- binarization modes (shared base behaviour, on grey MNIST-format data) ---------------------------------------------
+# --- binarization modes (shared base behaviour, on grey MNIST-format data) --------------------------------------------
 def grey_dm(d, **kw):
     dm = SmallMNIST(data_dir=str(d), verify_checksum=False, val_size=10, **kw)
     dm.setup()
@@ -627,7 +627,7 @@ def test_binarized_mnist_config_epochs():
     assert OmegaConf.load(REPO / "conf" / "dataset" / "binarized_mnist.yaml").max_epochs == 3280
 
 
-# --- the real binarized MNIST ($AMORTLAB_DATA) -------------------------------------------------------------------------
+# --- the real binarized MNIST ($AMORTLAB_DATA) ------------------------------------------------------------------------
 def real_data_dir() -> Path:
     env = os.environ.get("AMORTLAB_DATA")
     if not env:
@@ -655,7 +655,7 @@ def test_real_binarized_mnist(real_bmnist):
         assert ((x == 0) | (x == 1)).all()
         assert abs(float(x.mean()) - mean) < 5e-4, (split, float(x.mean()))
     for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
-        for i, batch in zip(range(3), loader):
+        for _, batch in zip(range(3), loader):
             assert batch.x.dtype == torch.float32 and batch.x.is_contiguous() and batch.x.shape == (100, 784)
     assert dm.info()["train_size"] == 50_000
 

@@ -7,6 +7,7 @@ import torch
 
 from amortlab.data.loader import Batch
 from amortlab.distributions.flow import LocalGaussian
+from amortlab.evaluation.gap_decomposition import GapDecomposition
 from amortlab.evaluation.gaps import FlowFamilyConfig, GapsConfig, decompose, gap_table, reference_log_px
 from amortlab.evaluation.qstar import QStarConfig, optimize_local
 from tests.test_estimators import analytic_elbo, data, elbo_of, linear_model, perturbed_model
@@ -140,10 +141,9 @@ def test_reference_without_ais_is_chosen_on_an_independent_pass(one_thread):
 
 def test_evaluate_batch_with_gaps_estimator_against_exact(one_thread):
     m = perturbed_model()
-    m.gaps_cfg = GapsConfig(families=["ffg"], qstar=FAST)
     x = data(m, 8)
     exact = m.decoder.exact_log_marginal(x)
-    out = m.evaluate_batch(Batch(x, 0), k=5000, estimator="gaps")
+    out = m.evaluate_batch(Batch(x, 0), k=5000, estimator=GapDecomposition(families=["ffg"], qstar=FAST))
     torch.testing.assert_close(-out["nll"], exact, atol=0.05, rtol=0)
     # the 5000-sample ELBO of the weak q has a Monte Carlo sd of ~0.03-0.05 nats here
     torch.testing.assert_close(out["inference_gap"], exact - analytic_elbo(m, x), atol=0.15, rtol=0)
@@ -203,10 +203,11 @@ def test_gaps_cli_flow_posterior_reproducible_and_ddp_equal(tmp_path):
 
     small = ["posterior=flow", "model.encoder.z_dim=8", "model.encoder.hidden=[32]", "model.decoder.hidden=[32]",
              "model.encoder.flow_hidden=10"]
-    gaps = ["evaluation=gaps", "evaluation.gaps.ais=true", "evaluation.ais.n_intermediate=10",
-            "evaluation.ais.n_chains=2", "evaluation.ais.pilot_chains=2", "evaluation.gaps.qstar.max_steps=20",
-            "evaluation.gaps.qstar.patience=5", "evaluation.gaps.qstar.init=encoder", "dataset.eval_batch_size=180",
-            "evaluation.gaps.qstar.select_k=50", "importance_samples.test=50", "evaluation.val=false"]
+    gaps = ["evaluation=gaps", "evaluation.estimator.ais=true", "evaluation.estimator.ais_settings.n_intermediate=10",
+            "evaluation.estimator.ais_settings.n_chains=2", "evaluation.estimator.ais_settings.pilot_chains=2",
+            "evaluation.estimator.qstar.max_steps=20", "evaluation.estimator.qstar.patience=5",
+            "evaluation.estimator.qstar.init=encoder", "dataset.eval_batch_size=180",
+            "evaluation.estimator.qstar.select_k=50", "importance_samples.test=50", "evaluation.val=false"]
     train(*small, "logger=none", "trainer.max_epochs=1", *gaps, "evaluation.train_points=30",
           run_dir=tmp_path / "fit")
     r = json.loads((tmp_path / "fit" / "results.json").read_text())
@@ -246,8 +247,9 @@ def test_gaps_cli_draws_the_posterior_figure_for_a_2d_latent(tmp_path):
 
     run = tmp_path / "run"
     train("model.encoder.z_dim=2", "model.encoder.hidden=[32]", "model.decoder.hidden=[32]", "trainer.max_epochs=1",
-          "evaluation=gaps", "evaluation.gaps.qstar.max_steps=30", "evaluation.gaps.qstar.select_k=50",
-          "evaluation.gaps.flow.hidden=10", "importance_samples.test=50", "trainer.limit_test_batches=1",
+          "evaluation=gaps", "evaluation.estimator.qstar.max_steps=30",
+          "evaluation.estimator.qstar.select_k=50", "evaluation.estimator.flow.hidden=10", "importance_samples.test=50",
+          "trainer.limit_test_batches=1",
           "evaluation.val=false", "dataset.eval_batch_size=50", "logger=wandb", f"logger.save_dir={tmp_path}",
           run_dir=run, env={"WANDB_MODE": "offline"})
     png = run / "images" / "posteriors.png"

@@ -9,6 +9,7 @@ from amortlab.data.loader import Batch
 from amortlab.distributions import DiagGaussian, MixtureGaussian
 from amortlab.distributions.mixture import recursive_mixture_weights
 from amortlab.errors import AmortlabError
+from amortlab.evaluation.iw_svi import IWSVI
 from amortlab.methods import AmortizedVAE, RecursiveMixtureVAE
 from amortlab.nets import BernoulliDecoder, GaussianEncoder, LinearGaussianEncoder
 from amortlab.objectives import k_sample_bound
@@ -218,7 +219,7 @@ def test_training_loss_matches_reference_objective(k):
         torch.testing.assert_close(grads[name], ref[name], rtol=1e-9, atol=1e-11, msg=name)
     # theta's gradient comes from the mixture bound alone
     ref_theta = torch.autograd.grad(-mixture.mean(), [d.W, d.b, d.log_s])
-    for name, r in zip(["decoder.W", "decoder.b", "decoder.log_s"], ref_theta):
+    for name, r in zip(["model.decoder.W", "model.decoder.b", "model.decoder.log_s"], ref_theta):
         torch.testing.assert_close(grads[name], r, rtol=1e-9, atol=1e-11)
 
 
@@ -265,7 +266,7 @@ def test_one_component_is_the_vae_exactly(k):
         grads = {n.replace("encoders.0.", "encoder."): p.grad for n, p in m.named_parameters()}
         with torch.inference_mode():
             ev = m.evaluate_batch(Batch(x, 0), k=200)
-            ev_svi = m.evaluate_batch(Batch(x, 0), k=50, estimator="iw_svi")
+            ev_svi = m.evaluate_batch(Batch(x, 0), k=50, estimator=IWSVI())
         out.append((loss.detach(), grads, ev, ev_svi))
     (la, ga, ea, sa), (lb, gb, eb, sb) = out
     assert torch.equal(la, lb)
@@ -284,7 +285,7 @@ def test_gaps_evaluation_runs_on_a_mixture():
     is 0 and the amortization and inference gaps are log p(x) - L[Q]. The reference log p_hat(x) is either q*_FFG's
     IWAE (exact here) or the mixture's own IWAE-2000, whose noise (sd over 50 independent repetitions) sets its
     tolerance."""
-    from amortlab.evaluation.gaps import GapsConfig
+    from amortlab.evaluation.gap_decomposition import GapDecomposition
     from amortlab.evaluation.qstar import QStarConfig
 
     m, x, exact = recmix_linear(M=2)
@@ -303,10 +304,10 @@ def test_gaps_evaluation_runs_on_a_mixture():
     tol_L_q = 4 * (sd_lw**2 / 2000 + L_q_se**2).sqrt() + 1e-3
     tol_qstar = 0.02  # 300 steps of q* from either start: within 0.02 of the exact posterior's ELBO
     for init in ("prior", "encoder"):  # q* from the prior, or from the heaviest component
-        m.gaps_cfg = GapsConfig(families=["ffg"], qstar=QStarConfig(lr=0.05, k=20, max_steps=300, patience=50,
-                                                                    init=init))
+        est = GapDecomposition(families=["ffg"], qstar=QStarConfig(lr=0.05, k=20, max_steps=300, patience=50,
+                                                                   init=init))
         with torch.inference_mode():
-            out = m.evaluate_batch(Batch(x, 0), k=2000, estimator="gaps")
+            out = m.evaluate_batch(Batch(x, 0), k=2000, estimator=est)
         checks = {"gap/log_px": (exact, tol_ref), "gap/L_q": (L_q, tol_L_q), "gap/L_qstar_ffg": (exact, tol_qstar),
                   "gap/approximation": (0 * exact, tol_ref + tol_qstar),
                   "gap/amortization": (exact - L_q, tol_qstar + tol_L_q),
@@ -327,8 +328,8 @@ def cli(run_dir, *overrides: str) -> dict:
 
 def test_cli_digits_with_k5_and_gap_evaluation(tmp_path):
     r = cli(tmp_path, "inference=recursive_mixture", "importance_samples=k5", "evaluation=gaps",
-            "evaluation.gaps.families=[ffg]", "evaluation.gaps.qstar.max_steps=10", "evaluation.gaps.qstar.k=5",
-            "evaluation.gaps.qstar.select_k=20")
+            "evaluation.estimator.families=[ffg]", "evaluation.estimator.qstar.max_steps=10",
+            "evaluation.estimator.qstar.k=5", "evaluation.estimator.qstar.select_k=20")
     assert r["status"] == "ok"
     m = r["metrics"]
     for key in ("test/nll", "test/neg_elbo", "test/gap/L_qstar_ffg", "test/gap/amortization", "test/gap/inference"):
@@ -350,7 +351,7 @@ def test_iw_svi_with_a_mixture_is_refused():
     from amortlab.errors import AmortlabError
     from amortlab.run import build_from_overrides
 
-    with pytest.raises(AmortlabError, match="mixture q"):
+    with pytest.raises(AmortlabError, match="MixtureGaussian.*inference.components=1"):
         build_from_overrides(["inference=recursive_mixture", "evaluation=iw_svi", "logger=none"])
 
 

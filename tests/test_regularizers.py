@@ -4,7 +4,8 @@ import torch
 from torch.nn.utils import parametrize
 
 from amortlab.data.loader import Batch
-from amortlab.evaluation.iw_svi import SVIConfig, refine
+from amortlab.evaluation.iw_svi import IWSVI, SVIConfig, refine
+from amortlab.evaluation.iwae import IWAE
 from amortlab.methods import AmortizedVAE
 from amortlab.nets import BernoulliDecoder, GaussianEncoder
 from amortlab.regularizers import Adversarial, Denoising, EncoderRegularizer, SpectralNorm, WeightNorm
@@ -74,15 +75,15 @@ def test_weight_norm_rows_bounded_after_training():
     H = 0.7
     m = mlp_vae(WeightNorm(H=H))
     _train_steps(m)
-    linears = [l for l in m.encoder.modules() if isinstance(l, torch.nn.Linear)]
-    assert len(linears) == 3 and all(parametrize.is_parametrized(l, "weight") for l in linears)
+    linears = [mod for mod in m.encoder.modules() if isinstance(mod, torch.nn.Linear)]
+    assert len(linears) == 3 and all(parametrize.is_parametrized(mod, "weight") for mod in linears)
     for layer in linears:
         assert layer.weight.norm(dim=1).max() <= H + 1e-5
     # unconstrained training would exceed it (so the test can fail)
     free = mlp_vae()
     _train_steps(free)
-    assert max(l.weight.norm(dim=1).max() for l in free.encoder.modules() if isinstance(l, torch.nn.Linear)) > H
-    assert not any(parametrize.is_parametrized(l) for l in m.decoder.modules() if isinstance(l, torch.nn.Linear))
+    assert max(mod.weight.norm(dim=1).max() for mod in free.encoder.modules() if isinstance(mod, torch.nn.Linear)) > H
+    assert not any(parametrize.is_parametrized(mod) for mod in m.decoder.modules() if isinstance(mod, torch.nn.Linear))
 
 
 def test_spectral_norm_bound_holds_after_training():
@@ -90,13 +91,13 @@ def test_spectral_norm_bound_holds_after_training():
     m = mlp_vae(SpectralNorm(coeff=coeff))
     _train_steps(m)
     m.eval()
-    for layer in (l for l in m.encoder.modules() if isinstance(l, torch.nn.Linear)):
+    for layer in (mod for mod in m.encoder.modules() if isinstance(mod, torch.nn.Linear)):
         sigma = torch.linalg.matrix_norm(layer.weight.detach(), ord=2).item()
         assert sigma <= coeff * 1.05, sigma  # power-iteration estimate: a few % slack
     free = mlp_vae()
     _train_steps(free)
-    assert max(torch.linalg.matrix_norm(l.weight.detach(), ord=2).item()
-               for l in free.encoder.modules() if isinstance(l, torch.nn.Linear)) > coeff * 1.5
+    assert max(torch.linalg.matrix_norm(mod.weight.detach(), ord=2).item()
+               for mod in free.encoder.modules() if isinstance(mod, torch.nn.Linear)) > coeff * 1.5
 
 
 def test_adversarial_perturbation_lowers_bound():
@@ -128,7 +129,8 @@ def test_iw_svi_never_lowers_a_points_bound():
         if cfg is sane:
             assert (ref > enc + 0.1).any()  # and it does improve points
     # without the check the wild step size makes some points worse (so the check is what protects them)
-    ref = elbo_of(m, x, refine(m, x, q0, SVIConfig(steps=3, lr=2.0, k=1, select_reps=0), torch.Generator().manual_seed(0)))
+    wild = SVIConfig(steps=3, lr=2.0, k=1, select_reps=0)
+    ref = elbo_of(m, x, refine(m, x, q0, wild, torch.Generator().manual_seed(0)))
     assert (ref < enc - 1.0).any()
 
 
@@ -137,9 +139,8 @@ def test_iw_svi_reaches_log_px_on_linear_gaussian():
     m = perturbed_model()
     x = data(m, 16)
     exact = m.decoder.exact_log_marginal(x)
-    m.svi_cfg = SVIConfig(steps=400, lr=0.05, k=10)
-    out_iwae = m.evaluate_batch(Batch(x, 0), k=20, estimator="iwae")
-    out_svi = m.evaluate_batch(Batch(x, 0), k=20, estimator="iw_svi")
+    out_iwae = m.evaluate_batch(Batch(x, 0), k=20, estimator=IWAE())
+    out_svi = m.evaluate_batch(Batch(x, 0), k=20, estimator=IWSVI(steps=400, lr=0.05, k=10))
     err_iwae = (exact + out_iwae["nll"]).abs().mean()
     err_svi = (exact + out_svi["nll"]).abs().mean()
     assert err_svi < 0.02 and err_svi < err_iwae / 3, (err_svi, err_iwae)
@@ -161,7 +162,7 @@ def test_iw_svi_reaches_log_px_on_linear_gaussian():
 def test_iw_svi_leaves_decoder_untouched():
     m = mlp_vae()
     before = [p.detach().clone() for p in m.parameters()]
-    m.evaluate_batch(Batch(batch(), 0), k=10, estimator="iw_svi")
+    m.evaluate_batch(Batch(batch(), 0), k=10, estimator=IWSVI())
     assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
     assert all(p.grad is None for p in m.parameters())
 
@@ -171,6 +172,6 @@ def test_every_regularizer_composes_from_config(reg, tmp_path):
     from amortlab.run import build_module, compose_config
     cfg = compose_config([f"encoder_regularizer={reg}", "x_dim=64", "evaluation=iw_svi"], tmp_path)
     m = build_module(cfg)
-    assert m.regularizer.name == reg and m.estimator == "iw_svi"
+    assert m.regularizer.name == reg and m.estimator.name == "iw_svi"
     x = batch(4, 0).repeat(1, 4)[:, :64]
     assert torch.isfinite(m.training_loss(x))

@@ -104,7 +104,8 @@ def test_sa_vae_gradients_equal_finite_differences():
     grads = dict(zip(named, torch.autograd.grad(loss, list(named.values()))))
     h = 1e-6
     checked = 0
-    for name in ("encoder.net.0.weight", "encoder.net.2.bias", "decoder.net.0.bias", "decoder.net.2.weight"):
+    for name in ("encoder.net.0.weight", "encoder.net.2.bias", "model.decoder.net.0.bias",
+                 "model.decoder.net.2.weight"):
         p = named[name]
         for idx in [(0,) * p.dim(), tuple(s - 1 for s in p.shape)]:
             with torch.no_grad():
@@ -219,7 +220,7 @@ def test_refined_bound_beats_encoder_bound(cls):
     # each against an independent many-sample -ELBO (ref_elbo, written out above) of its q: the encoder's, and the
     # refined one (the same K steps, from the evaluation's per-batch seeded noise), 4 standard errors apart at most
     with torch.no_grad():
-        q_refined = model.infer_for_eval(x, generator=model._eval_generator(Batch(x, 0), "test"))
+        q_refined = model.infer_for_eval(x, generator=model.eval_generator(Batch(x, 0), "test")).q
         n = 5000
         eps = torch.randn(1, n * len(x), Z, generator=torch.Generator().manual_seed(3), dtype=F64)
         for key, q in (("neg_elbo_encoder", model.infer(x)), ("neg_elbo_refined", q_refined)):

@@ -241,7 +241,7 @@ def test_plan_groups_by_seed_set_and_resumes_crashed_runs(tmp_path):
     ckpt.mkdir(parents=True)
     (ckpt / "last.ckpt").write_bytes(b"")
     launches = plan_launches(pairs, tmp_path)
-    assert [(l.settings, l.seeds, l.resume_from) for l in launches] == [
+    assert [(la.settings, la.seeds, la.resume_from) for la in launches] == [
         (["a", "b"], [0, 1], None), (["c"], [1], None), (["d"], [0], str(ckpt / "last.ckpt"))]
     cmd = launch_command(launches[0], tmp_path, ["logger=none"], "basic", [], "st")
     assert "+setting=a,b" in cmd and "seed=0,1" in cmd and "skip_if_done=true" in cmd

@@ -128,7 +128,8 @@ class TensorDataModule(L.LightningDataModule):
         self.setup()
         return {
             "name": self.name, "image_shape": list(self.image_shape), "x_dim": self.x_dim,
-            "train_size": len(self.splits["train"]), "train_subset": self.train_subset, "val_size": len(self.splits["val"]),
+            "train_size": len(self.splits["train"]), "train_subset": self.train_subset,
+            "val_size": len(self.splits["val"]),
             "test_size": len(self.splits["test"]), "binarization": self.binarization,
             "threshold": self.threshold if self.binarization == "threshold" else None,
             "binarization_seed": self.binarization_seed if self.binarization in ("static", "dynamic") else None,

@@ -27,7 +27,7 @@ class Batch:
     x: Tensor
     first_index: int
 
-    def to(self, device, non_blocking: bool = False) -> "Batch":  # Lightning moves objects that define `to`
+    def to(self, device, non_blocking: bool = False) -> Batch:  # Lightning moves objects that define `to`
         return Batch(self.x.to(device, non_blocking=non_blocking), self.first_index)
 
 

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from amortlab.activations import activation
+from amortlab.distributions.capabilities import Capabilities
 from amortlab.distributions.gaussian import DiagGaussian
 from amortlab.objectives import LOG_2PI
 
@@ -95,8 +97,6 @@ class SmallMLP(nn.Sequential):
     def __init__(self, in_dim: int, hidden: int | Sequence[int], out_dim: int, act: str = "tanh",
                  n_points: int | None = None, init_scale: float = 1e-2, out_bias: Tensor | None = None,
                  dtype=None, device=None, generator: torch.Generator | None = None):
-        from amortlab.nets.mlp import activation  # lazy: amortlab.nets imports amortlab.distributions
-
         dims, layers = [in_dim, *_hidden_list(hidden)], []
         for a, b in zip(dims[:-1], dims[1:]):
             layers += [Dense(a, b, n_points, dtype, device, generator), activation(act)()]
@@ -235,6 +235,7 @@ class AuxFlowPosterior:
     reverse: GaussianReverse
     context: Tensor | None = None
     family: ClassVar[str] = "flow"
+    capabilities: ClassVar[Capabilities] = Capabilities(path_derivative=True, flow=True)
 
     @property
     def z_dim(self) -> int:

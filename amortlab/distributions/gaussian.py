@@ -7,6 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from amortlab.distributions.capabilities import Capabilities
 from amortlab.objectives import LOG_2PI
 
 
@@ -17,6 +18,22 @@ class DiagGaussian:
     mu: Tensor
     logvar: Tensor
     family: ClassVar[str] = "gaussian"
+    capabilities: ClassVar[Capabilities] = Capabilities(local_params=True, path_derivative=True,
+                                                        closed_form_mean=True, closed_form_kl=True, log_prob=True)
+
+    def pack(self) -> Tensor:
+        """lambda = (mu, log sigma^2) ``[B, 2D]``."""
+        return torch.cat([self.mu, self.logvar], dim=-1)
+
+    @classmethod
+    def unpack(cls, lam: Tensor) -> DiagGaussian:
+        """The q of lambda = (mu, log sigma^2) ``[..., 2D]``."""
+        mu, logvar = lam.chunk(2, dim=-1)
+        return cls(mu, logvar)
+
+    def mean(self) -> Tensor:
+        """E_q[z] = mu ``[B, D]``."""
+        return self.mu
 
     def sample_noise(self, k: int, generator: torch.Generator | None = None) -> Tensor:
         """eps ~ N(0, I) of shape ``[k, B, D]``."""
@@ -34,6 +51,12 @@ class DiagGaussian:
 
     def rsample(self, k: int = 1, generator: torch.Generator | None = None) -> Tensor:
         return self.rsample_with_log_prob(k, generator)[0]
+
+    def rsample_path_derivative(self, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """z ``[k, B, D]`` and log q(z) ``[k, B]`` with (mu, logvar) stopped in log q: the gradient w.r.t. them is
+        the path derivative (Roeder et al. 2017)."""
+        z = self.rsample(k, generator)
+        return z, DiagGaussian(self.mu.detach(), self.logvar.detach()).log_prob(z)
 
     def log_prob(self, z: Tensor) -> Tensor:
         """log N(z; mu, sigma^2) summed over D; ``z`` ``[k, B, D]`` -> ``[k, B]``."""

@@ -8,7 +8,8 @@ Stratified draws (``rsample_with_log_prob(k)``): k draws in all, not k per compo
 component J(u_i) = min{j : w_1 + ... + w_j > u_i} at the stratified uniform u_i = (i + U_i) / k, U_i ~ U(0, 1)
 (one per draw and data point), then z_i = mu_J + sigma_J * eps_i. For any f,
 
-    E[(1/k) sum_i f(z_i)] = sum_i int_{i/k}^{(i+1)/k} E_{q_J(u)}[f] du = int_0^1 E_{q_J(u)}[f] du = sum_j w_j E_{q_j}[f],
+    E[(1/k) sum_i f(z_i)] = sum_i int_{i/k}^{(i+1)/k} E_{q_J(u)}[f] du = int_0^1 E_{q_J(u)}[f] du
+                          = sum_j w_j E_{q_j}[f],
 
 so with log-weights log w_i = log p(x, z_i) - log Q(z_i) (no per-draw correction):
 - f = p(x, z)/Q(z): (1/k) sum_i w_i is unbiased for p(x), hence E[log (1/k) sum_i w_i] <= log p(x) (Jensen) — the
@@ -35,6 +36,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from amortlab.distributions.capabilities import Capabilities
 from amortlab.distributions.gaussian import DiagGaussian
 from amortlab.objectives import LOG_2PI
 
@@ -61,6 +63,7 @@ class MixtureGaussian:
     logvars: Tensor
     log_w: Tensor
     family: ClassVar[str] = "mixture"
+    capabilities: ClassVar[Capabilities] = Capabilities(closed_form_mean=True, log_prob=True, mixture=True)
 
     def __post_init__(self):
         if self.log_w.dim() == 1:
@@ -68,7 +71,7 @@ class MixtureGaussian:
         self.log_w = self.log_w.to(self.mus).expand(self.mus.shape[0], self.mus.shape[1])  # [M, B]
 
     @classmethod
-    def from_components(cls, components: list[DiagGaussian], weights: list[float] | Tensor) -> "MixtureGaussian":
+    def from_components(cls, components: list[DiagGaussian], weights: list[float] | Tensor) -> MixtureGaussian:
         mus = torch.stack([c.mu for c in components])
         logvars = torch.stack([c.logvar for c in components])
         w = torch.as_tensor(weights, dtype=torch.float64)  # log in float64, then q's dtype
@@ -99,6 +102,10 @@ class MixtureGaussian:
     def logvar(self) -> Tensor:
         """log-variance ``[B, Z]`` of the heaviest component."""
         return self._heaviest(self.logvars)
+
+    def mean(self) -> Tensor:
+        """E_Q[z] = sum_j w_j mu_j ``[B, Z]``."""
+        return (self.log_w.exp().unsqueeze(-1) * self.mus).sum(0)
 
     def log_prob(self, z: Tensor) -> Tensor:
         """log Q(z) ``[k, B]`` for z ``[k, B, Z]`` (logsumexp over components)."""
@@ -139,6 +146,6 @@ class MixtureGaussian:
     def rsample(self, k: int = 1, generator: torch.Generator | None = None) -> Tensor:
         return self.rsample_with_log_prob(k, generator)[0]
 
-    def detach(self) -> "MixtureGaussian":
+    def detach(self) -> MixtureGaussian:
         return MixtureGaussian(self.mus.detach(), self.logvars.detach(), self.log_w.detach())
 

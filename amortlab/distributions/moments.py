@@ -4,9 +4,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from amortlab.distributions.gaussian import DiagGaussian
-from amortlab.distributions.mixture import MixtureGaussian
-
 # Monte Carlo samples for families without closed-form moments (the auxiliary flow). The variance over points of the
 # sample means is inflated by E[Var_q z_u] / S <= 0.004 for a unit at the prior: below the active-unit threshold 0.01.
 MC_SAMPLES = 256
@@ -20,9 +17,8 @@ def sampled_moments(q, generator: torch.Generator | None = None, samples: int = 
 
 
 def posterior_mean(q, generator: torch.Generator | None = None, samples: int = MC_SAMPLES) -> Tensor:
-    """E_q[z]: mu for a diagonal Gaussian, sum_j w_j mu_j for a mixture, else the mean of ``samples`` draws."""
-    if isinstance(q, DiagGaussian):
-        return q.mu
-    if isinstance(q, MixtureGaussian):
-        return (q.log_w.exp().unsqueeze(-1) * q.mus).sum(0)
+    """E_q[z]: ``q.mean()`` where the family declares a closed form (capabilities), else the mean of ``samples``
+    draws."""
+    if q.capabilities.closed_form_mean:
+        return q.mean()
     return sampled_moments(q, generator, samples)[0]

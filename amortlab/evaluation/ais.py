@@ -40,9 +40,9 @@ argument.) ``adapt=False`` uses ``init_step_size`` throughout, without a pilot.
 
 Everything is batched: tensors are ``[C, B, Z]`` (chains first, like samples everywhere in amortlab); the only
 Python loops are over the T transitions and the leapfrog steps. Gradients of log p(x | z) with respect to z come
-from ``torch.autograd.grad`` (never accumulated into the decoder's parameters), under
-``torch.inference_mode(False)`` and ``torch.enable_grad()`` on cloned inputs, so this runs inside Lightning's
-test loop as well. Cost: T * n_leapfrog forward+backward passes of the decoder on C * B rows (plus one).
+from ``torch.autograd.grad`` (never accumulated into the decoder's parameters), under ``amortlab.grad.local_grad``
+on cloned inputs, so this runs inside Lightning's test loop as well. Cost: T * n_leapfrog forward+backward passes
+of the decoder on C * B rows (plus one).
 """
 from __future__ import annotations
 
@@ -52,6 +52,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from amortlab.grad import local_grad
 
 LogLikelihood = Callable[[Tensor, Tensor], Tensor]
 SCHEDULES = ("sigmoid", "linear")
@@ -157,7 +159,7 @@ def run_ais(log_likelihood: LogLikelihood, x: Tensor, z_dim: int, cfg: AISConfig
     """
     cfg = cfg or AISConfig()
     betas = ais_schedule(cfg.n_intermediate, cfg.schedule, cfg.sigmoid_scale).tolist()
-    with torch.inference_mode(False), torch.enable_grad():
+    with local_grad():
         x = x.detach().clone()
         dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
         eps0 = torch.full((x.shape[0],), cfg.init_step_size, dtype=dtype, device=x.device)

@@ -35,15 +35,21 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from amortlab.distributions.gaussian import DiagGaussian
-from amortlab.distributions.flow import (DEFAULT_FLOW_HIDDEN, DEFAULT_FLOW_STEPS, AuxFlowPosterior, LocalFlow,
-                                         LocalGaussian)
+from amortlab.distributions.flow import DEFAULT_FLOW_HIDDEN, DEFAULT_FLOW_STEPS, LocalFlow, LocalGaussian
 from amortlab.distributions.moments import sampled_moments
 from amortlab.errors import AmortlabError
+from amortlab.grad import local_grad
+from amortlab.evaluation.ais import AISConfig
 from amortlab.evaluation.estimators import chunk_size, iwae_estimate
 from amortlab.evaluation.qstar import QStarConfig, crn_elbo, draw_seed, optimize_local
 
 FAMILIES = ("ffg", "flow")
+# per-point values of the decomposition (results.json <split>/gap/...): log-likelihoods in nats and the gaps
+GAP_METRICS = ("gap/log_px", "gap/log_px_iwae", "gap/log_px_iwae_ffg", "gap/log_px_iwae_flow", "gap/log_px_ais",
+               "gap/L_q", "gap/L_qstar_ffg", "gap/L_qstar_flow", "gap/approximation", "gap/amortization",
+               "gap/inference", "gap/qstar_steps_ffg", "gap/qstar_steps_flow", "gap/qstar_converged_frac",
+               "gap/qstar_converged_frac_ffg", "gap/qstar_converged_frac_flow", "gap/qstar_tail_gain",
+               "gap/qstar_tail_gain_ffg", "gap/qstar_tail_gain_flow")
 
 
 @dataclass
@@ -56,11 +62,18 @@ class FlowFamilyConfig:
 
 @dataclass
 class GapsConfig:
+    """``evaluation=gaps`` (``evaluation.estimator.*``): the q* ``families`` to fit (ffg, flow), the q* optimiser
+    (``qstar``), q*_Flow's shape (``flow``), ``ais`` (also estimate log p(x) by AIS with ``ais_settings``; it is then
+    the log p(x) reference) and ``reference_k`` (samples per proposal in the independent pass that picks the IWAE
+    reference when AIS is off)."""
+
+    _target_: str = "amortlab.evaluation.gap_decomposition.GapDecomposition"
     families: list[str] = field(default_factory=lambda: ["ffg", "flow"])
     qstar: QStarConfig = field(default_factory=QStarConfig)
     flow: FlowFamilyConfig = field(default_factory=FlowFamilyConfig)
-    ais: bool = False  # also run AIS (evaluation.ais settings); it is then the log p(x) reference
-    reference_k: int = 500  # samples per proposal in the independent selection pass of the reference (no AIS)
+    ais: bool = False
+    ais_settings: AISConfig = field(default_factory=AISConfig)
+    reference_k: int = 500
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.families if f not in FAMILIES]
@@ -69,11 +82,12 @@ class GapsConfig:
 
 
 def q_family(q) -> str:
-    return "flow" if getattr(q, "family", "gaussian") == "flow" else "ffg"
+    """The q* family a q belongs to: flow for an auxiliary flow, ffg otherwise (a mixture counts as FFG-world)."""
+    return "flow" if q.capabilities.flow else "ffg"
 
 
 def _flow_shape(q, cfg: GapsConfig) -> dict:
-    if isinstance(q, AuxFlowPosterior):
+    if q.capabilities.flow:
         shape = {"hidden": q.flow.hidden, "steps": q.flow.steps, "v_dim": q.flow.v_dim}
     else:
         shape = {"hidden": DEFAULT_FLOW_HIDDEN, "steps": DEFAULT_FLOW_STEPS}
@@ -91,8 +105,9 @@ def local_family(name: str, n: int, z_dim: int, q0, cfg: GapsConfig, like: Tenso
     A flow takes its shape
     from ``shape_of`` (default ``q0``; see ``_flow_shape``)."""
     init = {"dtype": like.dtype, "device": like.device}
-    if cfg.qstar.init == "encoder" and isinstance(q0, DiagGaussian):
-        init.update(init_mu=q0.mu.detach(), init_logvar=q0.logvar.detach())
+    if cfg.qstar.init == "encoder" and q0.capabilities.local_params:  # lambda = (mu, log sigma^2)
+        mu, logvar = q0.pack().detach().chunk(2, dim=-1)
+        init.update(init_mu=mu, init_logvar=logvar)
     elif cfg.qstar.init == "encoder":  # a flow or a mixture: its moment-matched Gaussian
         mean, var = sampled_moments(q0, generator)
         init.update(init_mu=mean, init_logvar=var.clamp_min(1e-8).log())
@@ -145,7 +160,7 @@ def fit_qstar(model, x: Tensor, q, cfg: GapsConfig, generator: torch.Generator |
     out: dict[str, QStar] = {}
     n, z_dim = len(x), model.z_dim
     for name in sorted(cfg.families, key=FAMILIES.index):
-        with torch.inference_mode(False):  # evaluation runs under inference mode; q* needs real parameters
+        with local_grad():  # evaluation runs under inference mode; q* needs real parameters
             starts = _starts(name, n, z_dim, model, x, q, cfg, out, generator)
         out[name] = _optimise(model, x, starts, cfg, generator)
     return out
@@ -160,7 +175,7 @@ def _starts(name: str, n: int, z_dim: int, model, x: Tensor, q, cfg: GapsConfig,
     if "ffg" in done:  # at q*_FFG
         at_ffg = GapsConfig(qstar=QStarConfig(init="encoder"), flow=cfg.flow)
         starts.append(local_family("flow", n, z_dim, done["ffg"].members[0](), at_ffg, x, generator, shape_of=q))
-    if isinstance(q, AuxFlowPosterior):
+    if q.capabilities.flow:
         starts.append(LocalFlow.from_posterior(q))  # the encoder's own flow
     return starts or [local_family("flow", n, z_dim, q, cfg, x, generator)]
 
@@ -173,7 +188,7 @@ def reference_log_px(model, x: Tensor, proposals: list[Callable[[int, torch.Gene
     returns ``[n, B]`` log-weights); ties go to the later (stronger by design) proposal."""
     sel = torch.Generator(device=x.device).manual_seed(draw_seed(generator, x.device))
     chunk = chunk_size(k_select, len(x), rows)
-    means = [float(iwae_estimate(lambda m: p(m, sel), k_select, chunk)[0].mean()) for p in proposals]
+    means = [float(iwae_estimate(lambda m, p=p: p(m, sel), k_select, chunk)[0].mean()) for p in proposals]
     j = max(range(len(means)), key=lambda i: (means[i], i))
     return estimates[j], j
 

@@ -13,11 +13,12 @@ Tucker et al. 2019) of grad L_k, from the surrogate
 
 (w~ the normalised weights): unbiased like the plain gradient, but its signal-to-noise ratio does not vanish as k
 grows (the plain IWAE gradient of q's parameters does; Rainforth et al. 2018) and it is exactly zero at the true
-posterior, so refinement converges instead of random-walking
-. The step size decays from ``lr`` to ``lr * final_lr_ratio``
-along a cosine, so the stochastic iterates settle instead of jittering around the optimum at a fixed step size. A point keeps lambda* only if it scores at least as well as
-lambda_0 on a common-random-numbers estimate of the optimised bound L_k (the mean of ``select_reps`` independent
-k-sample bounds, the same noise for both), so the refinement never makes a point's q worse than the encoder's. The large-k IWAE estimate then uses the refined q.
+posterior, so refinement converges instead of random-walking. The step size decays from ``lr`` to
+``lr * final_lr_ratio`` along a cosine, so the stochastic iterates settle instead of jittering around the optimum at a
+fixed step size. A point keeps lambda* only if it scores at least as well as lambda_0 on a common-random-numbers
+estimate of the optimised bound L_k (the mean of ``select_reps`` independent k-sample bounds, the same noise for
+both), so the refinement never makes a point's q worse than the encoder's. The large-k IWAE estimate then uses the
+refined q.
 """
 from __future__ import annotations
 
@@ -26,13 +27,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from amortlab.distributions import DiagGaussian
+from amortlab.distributions import DiagGaussian, require
+from amortlab.evaluation.estimators import chunk_size, iwae_estimate
+from amortlab.evaluation.protocol import Estimate, EvalBatch, Estimator
 from amortlab.evaluation.qstar import draw_seed
+from amortlab.grad import local_grad
 from amortlab.objectives import k_sample_bound
+from amortlab.settings import build
 
 
 @dataclass
 class SVIConfig:
+    """``evaluation=iw_svi`` (``evaluation.estimator.*``): ``steps`` Adam steps at ``lr`` (cosine decay to
+    ``lr * final_lr_ratio``) on the IWAE-``k`` bound; a point keeps its refined q only where it beats the encoder's on
+    the mean of ``select_reps`` common-random-numbers k-sample bounds (0 = always keep); log sigma^2 is clamped to
+    [``logvar_min``, ``logvar_max``]."""
+
+    _target_: str = "amortlab.evaluation.iw_svi.IWSVI"
     steps: int = 100
     lr: float = 0.01
     final_lr_ratio: float = 0.01
@@ -42,15 +53,38 @@ class SVIConfig:
     logvar_max: float = 15.0
 
 
+class IWSVI(Estimator):
+    """log p_hat(x) = IWAE-k from each point's refined q (module docstring); reports ``neg_elbo_refined``, the
+    -ELBO of the refined q from the same samples. Settings: ``SVIConfig``."""
+
+    name = "iw_svi"
+    metric_names = ("neg_elbo_refined",)
+
+    def __init__(self, **settings):
+        self.cfg = build(SVIConfig, settings, "evaluation.estimator")
+
+    def check(self, module) -> None:
+        require(module.posterior_family, "local_params", who="evaluation=iw_svi (it refines each point's "
+                "lambda = (mu, log sigma^2))", fix="Use evaluation=iwae or evaluation=gaps with this q, or a "
+                "Gaussian q (posterior=gaussian; inference.components=1 for a recursive mixture).")
+
+    def __call__(self, batch: EvalBatch) -> Estimate:
+        m, x, gen = batch.module, batch.x, batch.generator
+        q_ref = refine(m, x, batch.q, self.cfg, gen)
+        log_px, elbo = iwae_estimate(lambda n: m.log_weights(x, q_ref, n, gen), batch.k,
+                                     chunk_size(batch.k, len(x), batch.rows))
+        return Estimate(log_px, {"neg_elbo_refined": -elbo})
+
+
 def refine(model, x: Tensor, q0: DiagGaussian, cfg: SVIConfig,
            generator: torch.Generator | None = None) -> DiagGaussian:
     """Return the refined q for the batch ``x`` ``[B, X]``.
 
-    ``model`` provides ``log_joint(x, z [k, B, Z]) -> [k, B]`` and ``log_weights(x, q, k, generator) -> [k, B]``.
-    The decoder is not updated: gradients are taken with respect to the local parameters only.
+    ``model`` (the method) provides ``log_joint(x, z [k, B, Z]) -> [k, B]`` and ``log_weights(x, q, k, generator)
+    -> [k, B]``. The decoder is not updated: gradients are taken with respect to the local parameters only.
     """
     log_weights = model.log_weights
-    with torch.inference_mode(False), torch.enable_grad():
+    with local_grad():
         x = x.detach().clone()
         mu = q0.mu.detach().clone().requires_grad_(True)
         logvar = q0.logvar.detach().clone().requires_grad_(True)

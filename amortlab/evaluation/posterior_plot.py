@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from amortlab.evaluation.gaps import fit_qstar
+
 DEFAULT_ROWS = 1 << 15  # grid points x datapoints per chunk of log-density evaluations
 
 
@@ -183,15 +185,12 @@ def draw_gap_posteriors(model, x: Tensor, cfg, path: str | Path, generator: torc
     the true posterior (grid), the method's q, q*_FFG and q*_Flow (``cfg``: a ``GapsConfig``; the q* are fitted
     here for these points, as ``evaluation=gaps`` fits them). q* panels (and any q without a closed-form density)
     are smoothed histograms of ``samples`` draws. Returns the PNG path."""
-    from amortlab.distributions import DiagGaussian
-    from amortlab.evaluation.gaps import fit_qstar
-
     if model.z_dim != 2:
         raise ValueError(f"posterior pictures need a 2-D latent, the model has z_dim={model.z_dim}")
     with torch.no_grad():
         axis, true_log_post = posterior_grid(model.log_joint, x, extent, n)
-        q = model.infer_for_eval(x, {}, generator)
-        if isinstance(q, DiagGaussian):
+        q = model.infer_for_eval(x, generator).q
+        if q.capabilities.log_prob:
             panels = {"amortized q": grid_log_density(q.log_prob, axis, len(x)).exp()}
         else:
             panels = {"amortized q": density_on_grid(q.rsample(samples, generator), axis)}
@@ -200,3 +199,14 @@ def draw_gap_posteriors(model, x: Tensor, cfg, path: str | Path, generator: torc
             panels[{"ffg": "q*_FFG", "flow": "q*_Flow"}[name]] = density_on_grid(qs.rsample(samples, generator), axis)
     return plot_posteriors(path, axis, true_log_post, panels, row_labels=[f"x_{i}" for i in range(len(x))],
                            title="true posterior, amortized q and the per-point optima q*")
+
+
+def draw_posteriors(module, datamodule, cfg, path: Path, logger, seed: int, n_points: int = 4) -> None:
+    """Cremer et al.'s posterior figure for a 2-D latent model (first ``n_points`` test points, q* per ``cfg``, a
+    ``GapsConfig``): PNG at ``path`` and, where the logger shows images (W&B), an image ``images/posteriors``."""
+    x = next(iter(datamodule.eval_dataloader("test", n_points))).x.to(module.device)
+    g = torch.Generator(device=x.device).manual_seed(int(seed))
+    module.eval()
+    draw_gap_posteriors(module, x, cfg, path, g)
+    if logger is not None and hasattr(logger, "log_image"):
+        logger.log_image(key="images/posteriors", images=[str(path)])

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from amortlab.grad import local_grad
+
 
 @dataclass
 class QStarConfig:
@@ -50,7 +52,7 @@ def optimize_local(model, x: Tensor, family: nn.Module, cfg: QStarConfig,
     the point stopped by its patience rule), ``tail_gain`` ``[B]`` (EMA bound gain over the point's last ``patience``
     steps, nats), ``kept`` (fraction of points that kept their optimised parameters).
     """
-    with torch.inference_mode(False), torch.enable_grad():
+    with local_grad():
         x = x.detach().clone()
         params = [p for p in family.parameters() if p.requires_grad]
         start = [p.detach().clone() for p in params]
@@ -121,17 +123,12 @@ def _rows(mask: Tensor, p: Tensor) -> Tensor:
 
 
 def _elbo_samples(model, x: Tensor, q, k: int, generator) -> Tensor:
-    """Log-weights ``[k, B]`` whose gradient w.r.t. q's parameters is the path derivative (Gaussian q, and the
-    flow q through its inverse: ``AuxFlowPosterior.rsample_path_derivative``)."""
-    if hasattr(q, "rsample_path_derivative"):
+    """Log-weights ``[k, B]`` whose gradient w.r.t. q's parameters is the path derivative where the family declares
+    it (Gaussian q; the flow q through its inverse), else the plain reparameterised gradient."""
+    if q.capabilities.path_derivative:
         z, log_q = q.rsample_path_derivative(k, generator)
         return model.log_joint(x, z) - log_q
-    if not hasattr(q, "logvar"):
-        return model.log_weights(x, q, k, generator)
-    from amortlab.distributions import DiagGaussian
-
-    z = q.rsample(k, generator)
-    return model.log_joint(x, z) - DiagGaussian(q.mu.detach(), q.logvar.detach()).log_prob(z)
+    return model.log_weights(x, q, k, generator)
 
 
 def draw_seed(generator: torch.Generator | None, device) -> int:

@@ -12,7 +12,7 @@ class AmortizedVAE(ELBOModule):
 
     method_name = "amortized"
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, **kwargs):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module | None = None, **kwargs):
         super().__init__(decoder=decoder, **kwargs)
         self.encoder = self.regularizer.wrap_encoder(encoder)
 

@@ -36,7 +36,6 @@ usual IWAE-k / gap estimates from q_{lambda_T}. ``neg_elbo_iter/<t>`` (t = 0..T)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -45,20 +44,14 @@ from torch import Tensor, nn
 from amortlab.distributions import DiagGaussian
 from amortlab.errors import AmortlabError
 from amortlab.evaluation import chunk_size, iwae_estimate
-from amortlab.methods.base import ELBOModule
+from amortlab.grad import local_grad
+from amortlab.methods.base import ELBOModule, EvalInference
 from amortlab.nets.mlp import MLP
 from amortlab.objectives import k_sample_bound
 
 ENCODINGS = ("gradient", "error")
 INITS = ("prior", "encoder")
 LOGVAR_MIN, LOGVAR_MAX = -15.0, 15.0
-
-
-@contextmanager
-def local_grad():
-    """Gradients on, also inside evaluation's ``inference_mode`` / ``no_grad`` (for the gradient encoding)."""
-    with torch.inference_mode(False), torch.enable_grad():
-        yield
 
 
 def _q(lam: Tensor) -> DiagGaussian:
@@ -83,7 +76,8 @@ class IterativeVAE(ELBOModule):
 
     method_name = "iterative"
 
-    def __init__(self, decoder: nn.Module, x_dim: int, encoder: nn.Module | None = None, iterations: int = 5,
+    def __init__(self, decoder: nn.Module | None = None, x_dim: int = 0, encoder: nn.Module | None = None,
+                 iterations: int = 5,
                  encoding: str = "gradient", init: str = "prior", hidden: Sequence[int] = (512, 512),
                  activation: str = "elu", n_grad_samples: int = 1, eval_elbo_samples: int = 100, **kwargs):
         problems = []
@@ -95,6 +89,11 @@ class IterativeVAE(ELBOModule):
             problems.append(f"inference.init={init!r} (use prior or encoder)")
         if init == "encoder" and encoder is None:
             problems.append("inference.init=encoder without an encoder (set inference.encoder=${model.encoder})")
+        elif init == "encoder" and not type(encoder).family.capabilities.local_params:
+            problems.append(f"inference.init=encoder with a {type(encoder).family.__name__} encoder (lambda_0 needs "
+                            f"a Gaussian q: posterior=gaussian, or init=prior)")
+        if int(x_dim) < 1:
+            problems.append(f"x_dim={x_dim} (the data dimension; train.py fills it in from the dataset)")
         if int(n_grad_samples) < 1 or int(eval_elbo_samples) < 1:
             problems.append(f"inference.n_grad_samples={n_grad_samples} / eval_elbo_samples={eval_elbo_samples} "
                             f"(both need >= 1)")
@@ -102,6 +101,9 @@ class IterativeVAE(ELBOModule):
             raise AmortlabError("inference=iterative cannot be built: " + "; ".join(problems) + ". Fix these values "
                                 "(see conf/inference/iterative.yaml for the defaults).")
         super().__init__(decoder=decoder, **kwargs)
+        if not self.model.flat:
+            raise AmortlabError("inference=iterative updates one lambda per point over one latent layer; this model "
+                                f"has {len(self.model.latent_dims)}. Use inference=amortized.")
         self.T, self.encoding, self.init = int(iterations), encoding, init
         self.n_grad_samples, self.eval_elbo_samples = int(n_grad_samples), int(eval_elbo_samples)
         Z = self.z_dim
@@ -110,17 +112,12 @@ class IterativeVAE(ELBOModule):
         self.encoder = self.regularizer.wrap_encoder(encoder) if init == "encoder" else None
         self.register_buffer("x_center", torch.full((x_dim,), 0.5))
         self.register_eval_metrics(*[f"neg_elbo_iter/{t}" for t in range(self.T + 1)])
-        self._eval_iterates: list[Tensor] | None = None
 
     # --- the iterations -------------------------------------------------------------------------------------------
     def _init_lambda(self, x: Tensor) -> Tensor:
         if self.encoder is None:
             return x.new_zeros(len(x), 2 * self.z_dim)
-        q = self.encoder(x)
-        if not isinstance(q, DiagGaussian):
-            raise AmortlabError("inference=iterative with init=encoder needs a Gaussian encoder (posterior=gaussian); "
-                                f"the model's encoder returned {type(q).__name__}. Use posterior=gaussian or init=prior.")
-        return torch.cat([q.mu, q.logvar], dim=-1)
+        return self.encoder(x).pack()
 
     def _inputs(self, x: Tensor, lam: Tensor, generator: torch.Generator | None) -> Tensor:
         """Detached update-network input for the current ``lam`` ``[B, 2Z]`` (x itself stays differentiable)."""
@@ -133,7 +130,7 @@ class IterativeVAE(ELBOModule):
             return torch.cat([x - self.x_center, torch.log(grad.abs() + 1e-5), torch.sign(grad), lam], dim=-1)
         with torch.no_grad():
             z = _q(lam).rsample(self.n_grad_samples, generator)  # [n, B, Z]
-            x_mean = self.decoder.mean(z).mean(0)
+            x_mean = self.model.mean(z).mean(0)
             eps_z = -z.mean(0)  # (mu_z - z) / sigma_z with the N(0, I) prior
         return torch.cat([x - x_mean, eps_z, lam], dim=-1)
 
@@ -153,6 +150,10 @@ class IterativeVAE(ELBOModule):
                 lam = torch.cat([mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)], dim=-1)
             lams.append(lam)
         return lams
+
+    @property
+    def posterior_family(self) -> type:
+        return DiagGaussian
 
     def infer(self, x: Tensor) -> DiagGaussian:
         """q_{lambda_T}(z | x) (training graph kept: lambda_T depends on phi)."""
@@ -180,38 +181,30 @@ class IterativeVAE(ELBOModule):
         return final + (rest - rest.detach())
 
     # --- evaluation -----------------------------------------------------------------------------------------------
-    def infer_for_eval(self, x: Tensor, diagnostics: dict[str, Any] | None = None,
-                       generator: torch.Generator | None = None) -> DiagGaussian:
+    def infer_for_eval(self, x: Tensor, generator: torch.Generator | None = None) -> EvalInference:
         """The T iterations (gradients enabled locally), their noise from ``generator`` (the evaluation's per-batch
-        seeded one; a fixed seed when None); with init=encoder the encoder's q goes to ``diagnostics["q_encoder"]``.
-        The iterates are kept for ``evaluate_batch``, which reports their ELBOs after the timed inference (so
-        ``infer_seconds`` counts only the iterations)."""
+        seeded one; a fixed seed when None); with init=encoder the encoder's q is ``q_encoder``. ``after`` reports
+        ``neg_elbo_iter/<t>`` ``[B]``: -ELBO of q_{lambda_t}, t = 0..T, each from ``eval_elbo_samples`` samples of
+        a generator seeded one above ``generator``'s seed (after the timed inference, so ``infer_seconds`` counts
+        only the iterations)."""
         if generator is None:
             generator = torch.Generator(device=x.device).manual_seed(self.eval_seed)
+        seed = (generator.initial_seed() + 1) % (2**63)
         with local_grad():
             lams = [lam.detach() for lam in self.iterates(x.detach().clone(), generator, track=False)]
-        if diagnostics is not None:
-            self._eval_iterates = lams
-            if self.encoder is not None:
-                diagnostics["q_encoder"] = _q(lams[0])
-        return _q(lams[-1])
 
-    @torch.no_grad()
-    def evaluate_batch(self, batch, k: int, split: str = "test", estimator: str | None = None) -> dict[str, Tensor]:
-        """The base evaluation plus ``neg_elbo_iter/<t>`` ``[B]``: -ELBO of q_{lambda_t}, t = 0..T, each from
-        ``eval_elbo_samples`` samples (seeded per batch)."""
-        self._eval_iterates = None
-        out = super().evaluate_batch(batch, k, split, estimator)
-        lams, self._eval_iterates = self._eval_iterates, None
-        x = batch.x
-        gen = torch.Generator(device=x.device)
-        gen.manual_seed((self._eval_generator(batch, split).initial_seed() + 1) % (2**63))
-        n = self.eval_elbo_samples
-        chunk = chunk_size(n, len(x), self.eval_rows)
-        for t, lam in enumerate(lams or []):
-            elbo = iwae_estimate(lambda m, q=_q(lam): self.log_weights(x, q, m, gen), n, chunk)[1]
-            out[f"neg_elbo_iter/{t}"] = -elbo
-        return out
+        def iterate_elbos() -> dict[str, Tensor]:
+            gen = torch.Generator(device=x.device).manual_seed(seed)
+            n = self.eval_elbo_samples
+            chunk = chunk_size(n, len(x), self.eval_rows)
+            out = {}
+            for t, lam in enumerate(lams):  # one generator, the iterates in order
+                q = _q(lam)
+                out[f"neg_elbo_iter/{t}"] = -iwae_estimate(lambda m, q=q: self.log_weights(x, q, m, gen), n, chunk)[1]
+            return out
+
+        q_encoder = _q(lams[0]) if self.encoder is not None else None
+        return EvalInference(_q(lams[-1]), q_encoder=q_encoder, after=iterate_elbos)
 
     def init_output_bias(self, x_mean: Tensor) -> None:
         super().init_output_bias(x_mean)

@@ -55,8 +55,8 @@ from torch import Tensor, nn
 from amortlab.distributions import DiagGaussian, MixtureGaussian
 from amortlab.distributions.mixture import pairwise_log_prob, recursive_mixture_weights
 from amortlab.errors import AmortlabError
-from amortlab.methods.base import ELBOModule, frozen_log_prob
-from amortlab.objectives import log_mean_exp, log_weights, std_normal_log_prob
+from amortlab.methods.base import ELBOModule
+from amortlab.objectives import log_mean_exp, log_weights
 
 
 def _reinitialise(module: nn.Module) -> nn.Module:
@@ -71,8 +71,8 @@ class RecursiveMixtureVAE(ELBOModule):
 
     method_name = "recursive_mixture"
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, components: int = 3, epsilon: float = 0.5,
-                 kl_weight: float = 0.01, **kwargs):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module | None = None, components: int = 3,
+                 epsilon: float = 0.5, kl_weight: float = 0.01, **kwargs):
         M, epsilon, kl_weight = int(components), float(epsilon), float(kl_weight)
         problems = []
         if M < 1:
@@ -81,10 +81,16 @@ class RecursiveMixtureVAE(ELBOModule):
             problems.append(f"inference.epsilon={epsilon} (needs 0 < epsilon < 1, else a component gets weight 0)")
         if kl_weight < 0:
             problems.append(f"inference.kl_weight={kl_weight} (needs >= 0; 0 turns the diversity reward off)")
+        if not issubclass(type(encoder).family, DiagGaussian):
+            problems.append(f"the model's encoder gives a {type(encoder).family.__name__} q, but the mixture's "
+                            f"components are diagonal Gaussians (use posterior=gaussian)")
         if problems:
             raise AmortlabError("inference=recursive_mixture cannot be built: " + "; ".join(problems) + ". Fix "
                                 "these values (see conf/inference/recursive_mixture.yaml for the defaults).")
         super().__init__(decoder=decoder, **kwargs)
+        if not self.model.flat:
+            raise AmortlabError("inference=recursive_mixture mixes Gaussians over one latent layer; this model has "
+                                f"{len(self.model.latent_dims)}. Use inference=amortized.")
         self.M, self.epsilon, self.kl_weight = M, epsilon, kl_weight
         encoders = [encoder] + [_reinitialise(copy.deepcopy(encoder)) for _ in range(M - 1)]
         self.encoders = nn.ModuleList([self.regularizer.wrap_encoder(e) for e in encoders])
@@ -94,15 +100,18 @@ class RecursiveMixtureVAE(ELBOModule):
         # row r: weights of Q_{r+1} (components 1..r+1; 0 for the rest), the "previous mixture" of q_{r+2}
         self.prev_weights = [recursive_mixture_weights(r + 1, epsilon) + [0.0] * (M - r - 1) for r in range(M - 1)]
 
-    def components(self, x: Tensor) -> list[DiagGaussian]:
-        qs = [enc(x) for enc in self.encoders]
-        if not isinstance(qs[0], DiagGaussian):
-            raise AmortlabError("inference=recursive_mixture mixes Gaussian encoders, but the model's encoder returned "
-                                f"{type(qs[0]).__name__}; use posterior=gaussian.")
-        return qs
+    @property
+    def posterior_family(self) -> type:
+        """A mixture for M > 1; the one Gaussian component for M = 1 (the VAE's q)."""
+        return MixtureGaussian if self.M > 1 else DiagGaussian
 
-    def infer(self, x: Tensor) -> MixtureGaussian:
-        """Q(z | x) = sum_j w_j q_j(z | x): M encoder passes."""
+    def components(self, x: Tensor) -> list[DiagGaussian]:
+        return [enc(x) for enc in self.encoders]
+
+    def infer(self, x: Tensor) -> MixtureGaussian | DiagGaussian:
+        """Q(z | x) = sum_j w_j q_j(z | x): M encoder passes (M = 1: q_1 itself)."""
+        if self.M == 1:
+            return self.encoders[0](x)
         return MixtureGaussian.from_components(self.components(x), self.weights)
 
     def bound(self, x: Tensor, k: int, x_enc: Tensor | None = None) -> Tensor:
@@ -116,8 +125,8 @@ class RecursiveMixtureVAE(ELBOModule):
         z = q.mus + torch.exp(0.5 * q.logvars) * eps  # [k, M, B, Z]: draw i of component j
         log_qq = pairwise_log_prob(z, q.mus, q.logvars)  # [k, M (drawn from), M (density of), B]
         log_Q = torch.logsumexp(q.log_w + log_qq, dim=2)  # [k, M, B]
-        log_pz = std_normal_log_prob(z)
-        log_px_z = self.decoder.log_prob(x, z.reshape(k * M, B, Z)).reshape(k, M, B)
+        log_pz = self.model.log_prior(z)
+        log_px_z = self.model.log_likelihood(x, z.reshape(k * M, B, Z)).reshape(k, M, B)
         lw = log_weights(log_px_z, log_pz, log_Q, self.prior_weight, self.entropy_weight)  # [k, M, B]
         if k == 1:
             mixture = (q.log_w.exp() * lw[0]).sum(0)
@@ -130,7 +139,8 @@ class RecursiveMixtureVAE(ELBOModule):
         log_qq_sg = pairwise_log_prob(z_new, q.mus.detach(), q.logvars.detach())  # [k, M-1, M, B]
         log_w_prev = torch.tensor(self.prev_weights, dtype=torch.float64).log().to(z)  # [M-1, M], -inf = absent
         log_Q_prev = torch.logsumexp(log_w_prev.unsqueeze(-1) + log_qq_sg, dim=2)  # [k, M-1, B]
-        log_px_z_sg = frozen_log_prob(self.decoder, x, z_new.reshape(k * (M - 1), B, Z)).reshape(k, M - 1, B)
+        log_px_z_sg = self.model.log_likelihood(x, z_new.reshape(k * (M - 1), B, Z), frozen=True).reshape(
+            k, M - 1, B)
         elbo_m = log_weights(log_px_z_sg, log_pz[:, 1:], log_q_own, self.prior_weight, self.entropy_weight)
         new = (elbo_m + self.kl_weight * (log_q_own - log_Q_prev)).mean(0).sum(0)  # [B]
         return mixture + (new - new.detach())

@@ -24,24 +24,25 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from amortlab.distributions import DiagGaussian
+from amortlab.distributions import DiagGaussian, require
 from amortlab.errors import AmortlabError
-from amortlab.methods.base import ELBOModule
+from amortlab.grad import local_grad
+from amortlab.methods.base import ELBOModule, EvalInference
 from amortlab.objectives import k_sample_bound
 from amortlab.refinement import RefinementConfig, SemiAmortizedRefine, gaussian_objective, refine
 
 
 def _lam(q: DiagGaussian) -> Tensor:
-    return torch.cat([q.mu, q.logvar], dim=-1)
+    return q.pack()
 
 
 def _q(lam: Tensor) -> DiagGaussian:
-    mu, logvar = lam.chunk(2, dim=-1)
-    return DiagGaussian(mu, logvar)
+    return DiagGaussian.unpack(lam)
 
 
 def _kl(q: DiagGaussian, p: DiagGaussian) -> Tensor:
-    """KL(q || p) of diagonal Gaussians ``[B]`` = (1/2) sum (log s_p^2 - log s_q^2 + (s_q^2 + (m_q - m_p)^2) / s_p^2 - 1)."""
+    """KL(q || p) of diagonal Gaussians ``[B]``
+    = (1/2) sum (log s_p^2 - log s_q^2 + (s_q^2 + (m_q - m_p)^2) / s_p^2 - 1)."""
     return 0.5 * (p.logvar - q.logvar + (q.logvar.exp() + (q.mu - p.mu).pow(2)) * torch.exp(-p.logvar) - 1.0).sum(-1)
 
 
@@ -57,20 +58,24 @@ class SemiAmortizedBase(ELBOModule):
     method_name = "semi_amortized"
     uses_encoder = True
 
-    def __init__(self, decoder: nn.Module, encoder: nn.Module | None = None, refinement: dict | None = None,
-                 **kwargs):
-        super().__init__(decoder=decoder, **kwargs)
+    def __init__(self, encoder: nn.Module | None = None, refinement: dict | None = None, **kwargs):
+        super().__init__(**kwargs)
         self.refinement = RefinementConfig(**dict(refinement or {}))
+        if not self.model.flat:
+            raise AmortlabError(f"inference={self.method_name} refines one lambda per point over one latent layer; "
+                                f"this model has {len(self.model.latent_dims)}. Use inference=amortized.")
         if self.uses_encoder:
             if encoder is None:
                 raise AmortlabError(f"inference={self.method_name} needs an encoder (model.encoder).")
-            if "Flow" in type(encoder).__name__:
-                raise AmortlabError(
-                    f"inference={self.method_name} refines a diagonal Gaussian lambda = (mu, log sigma^2), but "
-                    f"posterior=flow gives a flow encoder. Use posterior=gaussian with this scheme, or "
-                    f"inference=amortized with posterior=flow.")
+            require(type(encoder).family, "local_params", who=f"inference={self.method_name} (it refines lambda = "
+                    f"(mu, log sigma^2) per point)", fix="Use posterior=gaussian with this scheme, or "
+                    "inference=amortized with posterior=flow.")
             self.encoder = self.regularizer.wrap_encoder(encoder)
         self.register_eval_metrics("refine_seconds")
+
+    @property
+    def posterior_family(self) -> type:
+        return DiagGaussian
 
     # --- lambda_0 and the steps -----------------------------------------------------------------------------------
     def infer(self, x: Tensor) -> DiagGaussian:
@@ -98,7 +103,7 @@ class SemiAmortizedBase(ELBOModule):
         """q_lambda_K whose gradient reaches lambda_0 and the decoder through the K steps (exact reverse pass)."""
         if self.refinement.steps == 0:
             return q0
-        params = [p for p in self.decoder.parameters() if p.requires_grad]
+        params = [p for p in self.model.parameters() if p.requires_grad]
         lam = SemiAmortizedRefine.apply(_lam(q0), self._objective(x, True), self._noise(x, None), self.refinement,
                                         *params)
         return _q(lam)
@@ -107,23 +112,21 @@ class SemiAmortizedBase(ELBOModule):
         return k_sample_bound(self.log_weights(x, q, k, annealed=True))
 
     # --- evaluation -----------------------------------------------------------------------------------------------
-    def infer_for_eval(self, x: Tensor, diagnostics: dict[str, Any] | None = None,
-                       generator: torch.Generator | None = None) -> DiagGaussian:
-        """The same K steps from lambda_0 (plain, un-annealed bound), noise from ``generator``."""
+    def infer_for_eval(self, x: Tensor, generator: torch.Generator | None = None) -> EvalInference:
+        """The same K steps from lambda_0 (plain, un-annealed bound), noise from ``generator``; the encoder's q and
+        ``refine_seconds`` (wall time of the steps per point) go with the refined q."""
         q0 = self.infer(x)
         start = time.perf_counter()
-        with torch.inference_mode(False), torch.enable_grad():
+        with local_grad():
             xc = x.detach().clone()
             q0c = DiagGaussian(q0.mu.detach().clone(), q0.logvar.detach().clone())
             q = self.refine(xc, q0c, generator)
         q = DiagGaussian(q.mu.detach(), q.logvar.detach())
-        if diagnostics is not None:
-            if x.is_cuda:
-                torch.cuda.synchronize(x.device)
-            diagnostics["refine_seconds"] = torch.full((x.shape[0],), (time.perf_counter() - start) / x.shape[0],
-                                                       dtype=torch.float64, device=x.device)
-            diagnostics["q_encoder"] = q0
-        return q
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        seconds = torch.full((x.shape[0],), (time.perf_counter() - start) / x.shape[0], dtype=torch.float64,
+                             device=x.device)
+        return EvalInference(q, q_encoder=q0, metrics={"refine_seconds": seconds})
 
     def tags(self) -> list[str]:
         return [self.method_name, f"K:{self.refinement.steps}", *super().tags()]
@@ -138,8 +141,8 @@ class SVI(SemiAmortizedBase):
     method_name = "svi"
     uses_encoder = False
 
-    def __init__(self, decoder: nn.Module, encoder: nn.Module | None = None, **kwargs):
-        super().__init__(decoder=decoder, encoder=None, **kwargs)
+    def __init__(self, encoder: nn.Module | None = None, **kwargs):
+        super().__init__(encoder=None, **kwargs)
 
     def bound(self, x: Tensor, k: int, x_enc: Tensor | None = None) -> Tensor:
         with torch.no_grad():

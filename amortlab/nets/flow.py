@@ -30,6 +30,8 @@ class FlowEncoder(nn.Module):
         flow_activation: activation of the flow / reverse nets (default: ``activation``).
     """
 
+    family = AuxFlowPosterior
+
     def __init__(self, x_dim: int, z_dim: int, hidden: Sequence[int] = (200, 200), activation: str = "tanh",
                  v_dim: int | None = None, flow_hidden: int | Sequence[int] = DEFAULT_FLOW_HIDDEN,
                  flow_steps: int = DEFAULT_FLOW_STEPS,

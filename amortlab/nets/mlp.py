@@ -7,18 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from amortlab.distributions import DiagGaussian
+from amortlab.activations import activation
 from amortlab.objectives import bernoulli_log_prob
-
-ACTIVATIONS = {"tanh": nn.Tanh, "elu": nn.ELU, "relu": nn.ReLU, "softplus": nn.Softplus, "leaky_relu": nn.LeakyReLU}
-
-
-def activation(name: str) -> type[nn.Module]:
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        from amortlab.errors import AmortlabError
-        raise AmortlabError(f"model activation {name!r} is unknown; use one of {', '.join(ACTIVATIONS)} "
-                            f"(e.g. model.activation=tanh).") from None
 
 
 class MLP(nn.Sequential):
@@ -34,6 +24,8 @@ class MLP(nn.Sequential):
 
 class GaussianEncoder(nn.Module):
     """x ``[B, X]`` -> q(z | x) = N(mu, diag exp(logvar)), mu and logvar ``[B, Z]`` from one shared trunk."""
+
+    family = DiagGaussian  # the class of q it returns: schemes read its declared capabilities
 
     def __init__(self, x_dim: int, z_dim: int, hidden: Sequence[int] = (200, 200), activation: str = "tanh"):
         super().__init__()

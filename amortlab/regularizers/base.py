@@ -29,14 +29,14 @@ class EncoderRegularizer:
     def wrap_encoder(self, encoder: nn.Module) -> nn.Module:
         return encoder
 
-    def training_loss(self, module: "ELBOModule", x: Tensor, k: int) -> Tensor:
+    def training_loss(self, module: ELBOModule, x: Tensor, k: int) -> Tensor:
         """Scalar loss = -(1/B) sum_b L_k(x_b), the encoder reading the clean x."""
         return -module.bound(x, k).mean()
 
     def tags(self) -> list[str]:
         return [f"reg:{self.name}"]
 
-    def mixed_input_loss(self, module: "ELBOModule", x: Tensor, k: int, alpha: float, x_enc) -> Tensor:
+    def mixed_input_loss(self, module: ELBOModule, x: Tensor, k: int, alpha: float, x_enc) -> Tensor:
         """alpha * -L_k(x; q = f(x_enc(x))) + (1 - alpha) * -L_k(x; q = f(x)), batch-averaged.
 
         For regularizers that change only what the encoder reads; p(x, z) always scores the clean x. The clean term

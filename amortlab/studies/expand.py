@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-import amortlab.config  # noqa: F401  (registers the typed schema the configs are composed against)
+import amortlab.schemas  # noqa: F401  (registers the typed schemas the configs are composed against)
 from amortlab.studies.overrides import override_key, override_value, searchpath, short
 from amortlab.studies.spec import CONF, SweepError
 

@@ -13,7 +13,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
+from collections.abc import Iterable, Iterator
 
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser

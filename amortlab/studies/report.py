@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 from amortlab.studies.collect import AXES, row_metrics, row_order
 from amortlab.studies.overrides import short

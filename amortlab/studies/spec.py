@@ -7,6 +7,8 @@ from typing import Any
 
 import yaml
 
+from amortlab.errors import AmortlabError
+
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
 STUDY_DIR = CONF / "sweep"
@@ -15,8 +17,8 @@ STUDY_KEYS = {"name", "description", "base", "seeds", "grid", "settings", "launc
               "metrics", "select_by", "tags", "reports"}
 
 
-class SweepError(Exception):
-    """A user-facing error: printed as one paragraph, exit status 2."""
+class SweepError(AmortlabError):
+    """A user-facing error of a study: printed as one paragraph, exit status 2."""
 
 
 def available_studies(search_dir: Path = STUDY_DIR) -> list[str]:
