@@ -69,6 +69,9 @@ def prepare_config(cfg: DictConfig) -> DictConfig:
                         if group == "dataset":  # evaluate on this machine's copy of the data
                             node.data_dir = cfg.dataset.data_dir
                             node.seed = cfg.dataset.seed
+                        if group == "model" and "generative" not in node:  # written before amortlab/models
+                            node.generative = {"_target_": "amortlab.models.FlatLatentModel",
+                                               "decoder": "${model.decoder}"}
                         cfg[group] = node
     return cfg
 

@@ -63,6 +63,21 @@ def test_evaluate_checkpoint_without_training_reproduces_numbers(digits_run, tmp
     assert b["test/neg_elbo"] == pytest.approx(a["test/neg_elbo"], abs=1e-9)
 
 
+def test_checkpoint_from_before_the_model_protocol_still_evaluates(digits_run, tmp_path):
+    """Checkpoints written before amortlab/models kept the decoder at ``decoder.*`` and had no ``model.generative``
+    node: rewritten to that layout, the same weights re-evaluate to the same numbers."""
+    ckpt = torch.load(results(digits_run)["checkpoints"]["evaluated"], map_location="cpu", weights_only=True)
+    ckpt["state_dict"] = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    assert any(k.startswith("decoder.") for k in ckpt["state_dict"])
+    del ckpt["amortlab_config"]["model"]["generative"]
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    train("train=false", f"ckpt_path={tmp_path / 'old.ckpt'}", "logger=none", "importance_samples.test=200",
+          run_dir=tmp_path / "eval")
+    a, b = results(digits_run)["metrics"], results(tmp_path / "eval")["metrics"]
+    assert b["test/nll"] == pytest.approx(a["test/nll"], abs=1e-9)
+    assert b["val/neg_elbo"] == pytest.approx(a["val/neg_elbo"], abs=1e-9)
+
+
 def gaussian_draws(module, x: torch.Tensor, k: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """z ~ q(z | x) ``[k, N, Z]`` and log q(z | x) ``[k, N]`` for the MLP Gaussian encoder, written out."""
     mu, logvar = module.encoder.net(x).chunk(2, -1)

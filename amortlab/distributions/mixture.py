@@ -26,7 +26,7 @@ p(x) unbiased but make the mean log-weight a different quantity than L[Q], so it
 With M = 1 every method delegates to the single component's ``DiagGaussian`` (same random draws, same arithmetic), so
 a one-component mixture is the VAE's q bit for bit. ``mu`` / ``logvar`` are the heaviest component's (a point
 estimate for reconstructions, and the Gaussian a per-point refinement starts from: ``evaluation=iw_svi`` and
-``evaluation.gaps.qstar.init=encoder``); they are not moments of the mixture.
+``evaluation.estimator.qstar.init=encoder``); they are not moments of the mixture.
 """
 from __future__ import annotations
 

@@ -78,7 +78,7 @@ class GapsConfig:
     def __post_init__(self) -> None:
         unknown = [f for f in self.families if f not in FAMILIES]
         if unknown:
-            raise AmortlabError(f"evaluation.gaps.families has {unknown}; use a subset of {list(FAMILIES)}.")
+            raise AmortlabError(f"evaluation.estimator.families has {unknown}; use a subset of {list(FAMILIES)}.")
 
 
 def q_family(q) -> str:

@@ -42,7 +42,7 @@ Evaluation uses the base estimators unchanged on ``MixtureGaussian`` (k stratifi
 distributions/mixture.py for why (1/k) sum w stays unbiased for p(x) and the mean log-weight for L[Q]).
 ``evaluation=gaps`` treats the mixture as a member of the Gaussian (FFG) world: approximation / amortization gaps are
 against q*_FFG (a richer mixture can beat q*_FFG, giving a negative amortization gap); q*_FFG starts at the prior, or
-at the heaviest component with ``evaluation.gaps.qstar.init=encoder`` (``MixtureGaussian.mu`` / ``logvar``).
+at the heaviest component with ``evaluation.estimator.qstar.init=encoder`` (``MixtureGaussian.mu`` / ``logvar``).
 """
 from __future__ import annotations
 
