@@ -22,11 +22,13 @@ def main(cfg: DictConfig) -> float | None:
 
     try:
         results = run(cfg, HydraConfig.get().runtime.output_dir)
-    except AmortlabError as e:
+    except AmortlabError as e:  # results.json holds status failed and this message
         print(f"\namortlab error: {e}", file=sys.stderr, flush=True)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # Hydra marks only this job failed, runs the rest of the sweep, then exits non-zero
         sys.exit(1)
+    if results.get("status") == "interrupted" and HydraConfig.get().mode != RunMode.MULTIRUN:
+        sys.exit(130)  # Ctrl-C / SIGTERM: results.json says interrupted; resume from last.ckpt
     return results["metrics"].get("test/nll")  # the value Hydra sweepers optimise
 
 

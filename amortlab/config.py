@@ -33,7 +33,8 @@ class Evaluation:
         (``SVIConfig``, ``GapsConfig``), which the group's yaml selects as schema.
     rows: decoder rows per evaluation chunk (chunk = rows // batch samples; ~1000 is right for CPUs).
     seed: seed of the evaluation noise (per batch, independent of the world size).
-    ckpt: which weights are evaluated after training: ``best`` (lowest val/nll) or ``last``.
+    ckpt: which weights are evaluated after training: ``best`` (lowest per-epoch validation NLL,
+        ``val_epoch/nll``) or ``last``.
     val: also run the final estimator on the validation split (results.json ``val/...``).
     train_points: also run it on the first N training images (``train/...``; 0 = off): fitting vs generalisation,
         e.g. the amortization gap on the points the encoder was trained on (Cremer et al.'s gap code uses those).

@@ -61,19 +61,36 @@ def finish_logger(logger, metrics: dict[str, Any], status: str = "success") -> N
     logger.finalize(status)
 
 
+@functools.singledispatch
+def describe_logger(logger) -> str:
+    """Lines for the run summary saying where the logged run is (nothing for loggers without a place of their own)."""
+    return ""
+
+
 def _finish_wandb(logger, metrics: dict[str, Any], status: str = "success") -> None:
-    """W&B: the final metrics go into the run summary (the dashboard's table columns), then the run is closed."""
+    """W&B: the final metrics go into the run summary (the dashboard's table columns), then the run is closed (also
+    after a failure, so the next run of a sweep never logs into this one)."""
     import wandb
 
-    logger.experiment.summary.update(metrics)
+    if metrics:
+        logger.experiment.summary.update(metrics)
     logger.finalize(status)
-    wandb.finish()
+    wandb.finish(exit_code=0 if status == "success" else 1)
+
+
+def _describe_wandb(logger) -> str:
+    run = logger.experiment
+    if run.settings.mode == "offline" or run.offline:
+        folder = Path(run.dir).parent
+        return f"\nW&B: offline run {run.id} in {folder}; upload it with `wandb sync {folder}`"
+    return f"\nW&B: {run.url}" if run.url else ""
 
 
 def _register_wandb() -> None:
     from lightning.pytorch.loggers import WandbLogger  # the class only; wandb itself is imported when a run starts
 
     finish_logger.register(WandbLogger, _finish_wandb)
+    describe_logger.register(WandbLogger, _describe_wandb)
 
 
 _register_wandb()

@@ -4,12 +4,15 @@ Kept out of train.py so tests and sweep.py can call it, and so train.py is only 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import signal
 import sys
-import warnings
+import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +20,21 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from amortlab.callbacks import Throughput
 from amortlab.data.download import default_data_dir
-from amortlab.errors import AmortlabError, NonFiniteLossError
+from amortlab.errors import AmortlabError, ChecksumError, DatasetNotFoundError, NonFiniteLossError
 from amortlab.evaluation.final import evaluate
-from amortlab.logging import finish_logger, git_commit, versions, write_results
+from amortlab.logging import describe_logger, finish_logger, git_commit, versions, write_results
 from amortlab.methods.base import migrate_state_dict
+from amortlab.runlock import RunLock
+from amortlab.validate import check_config, check_data, check_stored_targets
 
 MODEL_GROUPS = ("dataset", "model", "inference", "encoder_regularizer")  # what a checkpoint's weights depend on
+log = logging.getLogger("amortlab")
 
 
 def _instantiate(node: Any, what: str, **kwargs: Any) -> Any:
@@ -44,25 +51,106 @@ def _instantiate(node: Any, what: str, **kwargs: Any) -> Any:
 
 
 def load_checkpoint_config(ckpt_path: str) -> dict | None:
+    """The config a train.py checkpoint stores (tensors and plain values only: ``weights_only=True``); the groups a
+    run takes from it are checked by ``check_stored_targets`` before they are used."""
     path = Path(ckpt_path)
     if not path.is_file():
         raise AmortlabError(f"ckpt_path={ckpt_path} does not exist. Point ckpt_path at a checkpoint written by "
                             f"train.py (e.g. <run dir>/checkpoints/last.ckpt or best.ckpt).")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    return ckpt.get("amortlab_config")
+    return read_checkpoint(path).get("amortlab_config")
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """``torch.load(path, weights_only=True)``: a checkpoint with anything but tensors and plain containers (a
+    pickled object that could run code) is refused with one message."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types; all mean the same to a user
+        reason = " ".join(str(e).split())[:300]
+        raise AmortlabError(f"Cannot read the checkpoint {path} as tensors and plain values ({type(e).__name__}: "
+                            f"{reason}). It is corrupt, not a train.py checkpoint, or carries pickled objects, "
+                            f"which are never loaded (they could run code). Point ckpt_path at <run dir>/"
+                            f"checkpoints/best.ckpt or last.ckpt of a train.py run.") from None
+
+
+# keys a resumed run may change: how long it trains, how it is evaluated, logged and where its data lives
+RESUME_COMPATIBLE = ("trainer", "evaluation", "logger", "callbacks", "name", "group", "tags", "test", "train",
+                     "ckpt_path", "skip_if_done", "data_dir", "x_dim", "importance_samples.val",
+                     "importance_samples.test", "dataset.data_dir", "dataset.eval_batch_size", "dataset.download",
+                     "dataset.verify_checksum")
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out or {prefix: {}}
+    return {prefix: node}
+
+
+def _covered(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def command_overrides() -> list[str]:
+    """The command line's overrides (Hydra's ``overrides.task``); empty outside a Hydra run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+def resume_config(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) -> list[str]:
+    """Restore the run's own settings from its checkpoint's config into ``cfg`` (in place) and return the compatible
+    changes the command makes (``RESUME_COMPATIBLE``: more epochs, other evaluation, ...). A command that asks for an
+    incompatible change (another model, batch size, k, optimiser, seed, ...) is refused with the keys named; settings
+    the command does not mention come from the checkpoint, not from today's defaults."""
+    asked = {o.split("=", 1)[0].lstrip("+~").split("@")[0].replace("/", ".") for o in overrides}
+    now = _flat(OmegaConf.to_container(cfg, resolve=True))
+    before = _flat(saved)
+    keys = sorted(set(now) | set(before))
+    differ = [k for k in keys if now.get(k, "<absent>") != before.get(k, "<absent>")]
+    refused = [k for k in differ if not _covered(k, RESUME_COMPATIBLE) and _covered(k, asked)]
+    if refused:
+        shown = "; ".join(f"{k}: {before.get(k, '<absent>')!r} in the checkpoint, {now.get(k, '<absent>')!r} now"
+                          for k in refused[:8])
+        raise AmortlabError(f"Resuming from {cfg.ckpt_path} with settings the checkpoint was not trained with ("
+                            f"{shown}). A resumed run keeps its model, data, k, optimiser and seed; drop these "
+                            f"overrides (they are restored from the checkpoint), or start a new run without "
+                            f"ckpt_path.")
+    restore = sorted({k.split(".")[0] for k in differ if not _covered(k, RESUME_COMPATIBLE)})
+    check_stored_targets({g: saved[g] for g in restore if g in saved}, str(cfg.ckpt_path))
+    with open_dict(cfg):
+        for group in restore:
+            if group not in saved:
+                continue
+            node = OmegaConf.create(saved[group]) if isinstance(saved[group], dict) else saved[group]
+            if group == "dataset":  # this machine's copy of the data, this command's evaluation batch
+                for key in ("data_dir", "eval_batch_size", "download", "verify_checksum"):
+                    node[key] = cfg.dataset[key]
+            if group == "importance_samples":
+                node.val, node.test = cfg.importance_samples.val, cfg.importance_samples.test
+            cfg[group] = node
+    return [f"{k}: {before.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}" for k in differ
+            if _covered(k, asked) and _covered(k, RESUME_COMPATIBLE)]
 
 
 def prepare_config(cfg: DictConfig) -> DictConfig:
-    """Fill derived values (data_dir, and for eval-only runs the model-defining groups from the checkpoint)."""
+    """Fill derived values: data_dir; for eval-only runs the model-defining groups from the checkpoint; for a
+    resumed run its own settings from the checkpoint (``resume_config``)."""
     with open_dict(cfg):
         if cfg.data_dir is None:
             cfg.data_dir = default_data_dir()
-        if not cfg.train:
-            if not cfg.ckpt_path:
-                raise AmortlabError("train=false needs a checkpoint to evaluate: add ckpt_path=<run dir>/checkpoints/"
-                                    "best.ckpt (or last.ckpt).")
-            saved = load_checkpoint_config(cfg.ckpt_path)
-            if saved is not None:
+    if not cfg.train:
+        if not cfg.ckpt_path:
+            raise AmortlabError("train=false needs a checkpoint to evaluate: add ckpt_path=<run dir>/checkpoints/"
+                                "best.ckpt (or last.ckpt).")
+        saved = load_checkpoint_config(cfg.ckpt_path)
+        if saved is not None:
+            check_stored_targets({g: saved[g] for g in MODEL_GROUPS if g in saved}, str(cfg.ckpt_path))
+            with open_dict(cfg):
                 for group in MODEL_GROUPS:
                     if group in saved:
                         node = OmegaConf.create(saved[group])
@@ -73,13 +161,18 @@ def prepare_config(cfg: DictConfig) -> DictConfig:
                             node.generative = {"_target_": "amortlab.models.FlatLatentModel",
                                                "decoder": "${model.decoder}"}
                         cfg[group] = node
+    elif cfg.ckpt_path:
+        saved = load_checkpoint_config(cfg.ckpt_path)
+        if saved is not None:
+            for change in resume_config(cfg, saved, command_overrides()):
+                log.info("resuming with a changed setting: %s", change)
     return cfg
 
 
 def build_module(cfg: DictConfig):
     """The method: ``inference`` instantiated with the generative model (``model.generative``), the estimator
     (``evaluation.estimator``) and the regularizer; refuses incompatible choices before anything is trained."""
-    check_settings(cfg)
+    check_config(cfg)
     regularizer = _instantiate(cfg.encoder_regularizer, "encoder_regularizer")
     optim = {
         "optimizer": _instantiate(cfg.optim.optimizer, "optim.optimizer"),
@@ -95,16 +188,6 @@ def build_module(cfg: DictConfig):
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     module.check_compatible()
     return module
-
-
-def check_settings(cfg: DictConfig) -> None:
-    """Refuse run settings that cannot work, before anything is built."""
-    if cfg.evaluation.ckpt not in ("best", "last"):
-        raise AmortlabError(f"evaluation.ckpt={cfg.evaluation.ckpt!r} is unknown: use 'best' (lowest val/nll) "
-                            f"or 'last'.")
-    if int(cfg.evaluation.get("train_points") or 0) < 0:
-        raise AmortlabError(f"evaluation.train_points={cfg.evaluation.train_points} must be >= 0 (the number of "
-                            f"training images to evaluate after the test split; 0 = none).")
 
 
 def run_name(cfg: DictConfig, module) -> str:
@@ -131,7 +214,7 @@ def build_callbacks(cfg: DictConfig, validates: bool) -> dict[str, L.Callback]:
         if not node or not node.get("_target_"):
             continue
         cb = _instantiate(node, f"callbacks.{name}")
-        if isinstance(cb, ModelCheckpoint) and str(cb.monitor or "").startswith("val/") and not validates:
+        if isinstance(cb, ModelCheckpoint) and str(cb.monitor or "").startswith("val") and not validates:
             continue
         out[name] = cb
     return out
@@ -145,12 +228,7 @@ def _checkpoints(callbacks: dict[str, L.Callback]) -> dict[str, str | None]:
 
 def load_weights(module, ckpt_path: str) -> None:
     """Load a train.py checkpoint's weights into ``module`` (tensors only: ``weights_only=True``)."""
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to read is reported the same way
-        raise AmortlabError(f"Cannot read the checkpoint {ckpt_path} ({type(e).__name__}: {e}). Point ckpt_path at "
-                            f"a checkpoint written by train.py (<run dir>/checkpoints/best.ckpt or last.ckpt).") from e
-    module.load_state_dict(migrate_state_dict(ckpt["state_dict"]))
+    module.load_state_dict(migrate_state_dict(read_checkpoint(ckpt_path)["state_dict"]))
 
 
 def quiet_lightning() -> None:
@@ -165,7 +243,13 @@ def quiet_lightning() -> None:
 
 
 def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Train (unless ``train=false``) and evaluate; write ``out_dir/results.json``; return the results dict."""
+    """Train (unless ``train=false``) and evaluate; write ``out_dir/results.json``; return the results dict.
+
+    Every path leaves a record: a finished run ``status: ok``; Ctrl-C / SIGTERM during training ``interrupted``
+    (the last checkpoint kept, resumable); any error ``failed`` with its message (``error``) and ``reason`` (config,
+    data, non_finite_loss, bug); the logger (W&B run) is closed on every path. A second live run in the same
+    directory is refused (``RunLock``).
+    """
     out_dir = Path(out_dir)
     quiet_lightning()
     if cfg.skip_if_done and (out_dir / "results.json").is_file():
@@ -173,40 +257,98 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         if done.get("status") == "ok":
             print(f"amortlab: {out_dir} already holds a finished run (skip_if_done=true); not running it again.")
             return done
+    rank_zero = rank_zero_only.rank == 0
+    with RunLock(out_dir, enabled=rank_zero):
+        record = RunRecord(out_dir, rank_zero)
+        try:
+            return _run(cfg, out_dir, record)
+        except BaseException as e:
+            record.fail(e)
+            raise
+        finally:
+            record.close_logger()
+
+
+class RunRecord:
+    """The run's ``results`` dict, written to results.json (global rank zero) when the run ends however it ends."""
+
+    def __init__(self, out_dir: Path, rank_zero: bool):
+        self.out_dir, self.rank_zero = out_dir, rank_zero
+        self.results: dict[str, Any] = {"status": "running", "metrics": {}, "out_dir": str(out_dir),
+                                        "versions": versions(), "git_commit": git_commit(), "timing": {}}
+        self.logger = None
+        self.callbacks: dict[str, L.Callback] = {}
+        self.logger_status = "success"
+
+    def write(self) -> Path | None:
+        return write_results(self.out_dir / "results.json", self.results) if self.rank_zero else None
+
+    def fail(self, e: BaseException) -> None:
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            status, reason = "interrupted", "interrupted"
+        elif isinstance(e, NonFiniteLossError):
+            status, reason = "failed", "non_finite_loss"
+        elif isinstance(e, (DatasetNotFoundError, ChecksumError)):
+            status, reason = "failed", "data"
+        elif isinstance(e, AmortlabError):
+            status, reason = "failed", "config"
+        else:
+            status, reason = "failed", "bug"
+        message = " ".join(str(e).split()) or type(e).__name__
+        self.results.update(status=status, reason=reason, error=message if reason != "bug" else
+                            f"{type(e).__name__}: {message}")
+        if self.callbacks:
+            self.results["checkpoints"] = _checkpoints(self.callbacks)
+        self.logger_status = "failed"
+        self.write()
+
+    def close_logger(self) -> None:
+        if not self.logger:
+            return
+        if self.rank_zero:
+            finish_logger(self.logger, self.results["metrics"], self.logger_status)
+        else:
+            self.logger.finalize(self.logger_status)
+        self.logger = None
+
+
+def _run(cfg: DictConfig, out_dir: Path, record: RunRecord) -> dict[str, Any]:
+    results, timing = record.results, record.results["timing"]
+    check_config(cfg)
     cfg = prepare_config(cfg)
+    check_config(cfg)  # again: a resumed or re-evaluated run's restored groups
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     dm = _instantiate(cfg.dataset, "dataset")
     dm.setup("fit")
+    results["data"] = dm.info()
+    check_data(cfg, results["data"]["train_size"])
     with open_dict(cfg):
         cfg.x_dim = dm.x_dim
+        if cfg.trainer.get("enable_progress_bar") is None:  # on when a person watches a terminal
+            cfg.trainer.enable_progress_bar = sys.stderr.isatty()
     module = build_module(cfg)
     if cfg.train and not cfg.ckpt_path:
         module.init_output_bias(dm.train_mean)
+    results.update(config=module.run_config, tags=module.tags(), axes=module.axes(),
+                   estimator=module.estimator.name)
 
     validates = cfg.trainer.get("limit_val_batches") not in (0, 0.0)
-    callbacks = build_callbacks(cfg, validates)
-    logger = build_logger(cfg, module, dm.name)
+    callbacks = record.callbacks = build_callbacks(cfg, validates)
+    logger = record.logger = build_logger(cfg, module, dm.name)
     trainer: L.Trainer = _instantiate(cfg.trainer, "trainer", logger=logger, callbacks=list(callbacks.values()))
     if logger:
         logger.log_hyperparams(module.run_config)
 
-    results: dict[str, Any] = {
-        "status": "running", "metrics": {}, "data": dm.info(), "config": module.run_config,
-        "versions": versions(), "git_commit": git_commit(), "timing": {}, "out_dir": str(out_dir),
-        "tags": module.tags(), "axes": module.axes(), "estimator": module.estimator.name,
-    }
-    timing = results["timing"]
     eval_ckpt = cfg.ckpt_path
     if cfg.train:
         t0 = time.perf_counter()
-        try:
-            trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
-        except NonFiniteLossError as e:
-            results.update(status="failed", error=str(e), checkpoints=_checkpoints(callbacks))
-            if trainer.is_global_zero:
-                write_results(out_dir / "results.json", results)
-            raise
+        with sigterm_as_interrupt():
+            try:
+                trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
+            except SystemExit:  # Lightning's answer to Ctrl-C: clean up, then exit(1)
+                if not trainer.interrupted:
+                    raise
         timing["fit_s"] = round(time.perf_counter() - t0, 3)
         throughput = next((c for c in callbacks.values() if isinstance(c, Throughput)), None)
         timing["train_images_per_s"] = round(throughput.images_per_s, 1) if throughput and \
@@ -214,7 +356,15 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         timing["epochs"] = trainer.current_epoch
         timing["steps"] = trainer.global_step
         if trainer.interrupted:
-            results["status"] = "interrupted"
+            last = _checkpoints(callbacks).get("last")
+            results.update(status="interrupted", reason="interrupted", checkpoints=_checkpoints(callbacks),
+                           error="Training was interrupted (Ctrl-C or SIGTERM) at epoch "
+                                 f"{trainer.current_epoch}, step {trainer.global_step}; not evaluated. "
+                                 + (f"Resume with ckpt_path={last}." if last else "No checkpoint was written yet."))
+            record.logger_status = "failed"
+            record.write()
+            print(f"\namortlab: interrupted; {results['error']}", file=sys.stderr, flush=True)
+            return results
         best = _checkpoints(callbacks).get("best") or ""
         eval_ckpt = best if (cfg.evaluation.ckpt == "best" and best) else None  # None: the final weights
     results["checkpoints"] = {"evaluated": eval_ckpt or "final weights", **_checkpoints(callbacks)}
@@ -223,19 +373,36 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         if eval_ckpt:
             load_weights(module, eval_ckpt)
         results["metrics"].update(final_evaluation(trainer, module, dm, cfg, timing))
-    if results["status"] == "running":
-        results["status"] = "ok"
+    results["status"] = "ok"
     if cfg.test and trainer.is_global_zero:
         module.estimator.after_run(module, dm, results["metrics"], out_dir, run_name(cfg, module), logger,
                                    int(cfg.evaluation.seed))
-    if trainer.is_global_zero:
-        path = write_results(out_dir / "results.json", results)
-        print(summary(results, path), file=sys.stdout, flush=True)
-    if logger and trainer.is_global_zero:
-        finish_logger(logger, results["metrics"])
-    elif logger:
-        logger.finalize("success")
+    path = record.write()
+    if path is not None:
+        text = summary(results, path) + describe_logger(logger)
+        if logging.getLogger().handlers:  # Hydra's logging: console and <run dir>/train.log
+            log.info(text)
+        else:
+            print(text, file=sys.stdout, flush=True)
     return results
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a scheduler's stop, ``kill``) is handled like Ctrl-C during training: Lightning stops cleanly and
+    the run records ``status: interrupted``. Main thread only (signal handlers cannot be set elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def final_evaluation(trainer: L.Trainer, module, dm, cfg: DictConfig, timing: dict[str, Any]) -> dict[str, Any]:

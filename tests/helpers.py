@@ -26,3 +26,24 @@ class PoisonAt(L.Callback):
         if trainer.global_step == self.step:
             with torch.no_grad():
                 pl_module.decoder.output_layer.bias.fill_(float("nan"))
+
+
+class SignalAt(L.Callback):
+    """Send this process signal ``sig`` (2 = SIGINT, as Ctrl-C; 15 = SIGTERM) before global step ``step``."""
+
+    def __init__(self, step: int, sig: int = 2):
+        self.step, self.sig = step, sig
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.sig)
+
+
+class Payload:
+    """An object whose unpickling would run code (a malicious checkpoint); ``weights_only=True`` never builds it."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))

@@ -1,6 +1,7 @@
 """Callbacks shared by every method: annealing (warm-up), image panels, throughput timing."""
 from amortlab.callbacks.annealing import Annealing
 from amortlab.callbacks.images import ImagePanels
+from amortlab.callbacks.progress import EpochLog
 from amortlab.callbacks.timing import Throughput
 
-__all__ = ["Annealing", "ImagePanels", "Throughput"]
+__all__ = ["Annealing", "EpochLog", "ImagePanels", "Throughput"]

@@ -17,6 +17,7 @@ import os
 import tempfile
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +27,11 @@ from amortlab.data.base import TensorDataModule, as_rows
 from amortlab.data.download import Resource, fetch
 from amortlab.errors import AmortlabError, DatasetNotFoundError
 
-AMAT_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
+AMAT_URL = "https://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
 SPLITS = ("train", "valid", "test")  # names in the source files; "valid" becomes the datamodule's "val"
 
 # The .npz has no public URL of its own: if it is corrupt, delete it and fetch the .amat files from AMAT_URL instead.
-NPZ = Resource("binarized_mnist.npz", AMAT_URL,
+NPZ = Resource("binarized_mnist.npz", None,
                "350243cb824d66d022e0c3e87cac231231668817ff03f5f6d7b6533017d56b4b")
 AMAT = {s: Resource(f"binarized_mnist_{s}.amat", f"{AMAT_URL}binarized_mnist_{s}.amat", None) for s in SPLITS}
 CACHE_FILENAME = "binarized_mnist.amat-cache.npz"
@@ -128,7 +129,7 @@ class BinarizedMNISTDataModule(TensorDataModule):
                         f"Dataset '{self.name}': {path} has arrays {sorted(z.files)} but lacks {missing}; expected "
                         f"{', '.join(keys)} (uint8 [N, 784]). It is not a binarized MNIST archive.")
                 return {k: z[k] for k in keys}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
             raise AmortlabError(f"Dataset '{self.name}': cannot read {path} as a NumPy .npz archive ({e}). The file is "
                                 f"corrupt: delete it (and any stale cache) and use the .amat files from "
                                 f"{AMAT_URL}.") from e
@@ -165,7 +166,7 @@ class BinarizedMNISTDataModule(TensorDataModule):
                     if int(z["version"]) != CACHE_VERSION or not np.array_equal(z["signature"], signature):
                         continue
                     arrays = {s: z[s] for s in SPLITS}
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):
                 continue  # unreadable cache: parse the text again and overwrite it
             return self.validate(arrays, cache)
         return None

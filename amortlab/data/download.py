@@ -20,7 +20,7 @@ from amortlab.errors import ChecksumError, DatasetNotFoundError
 @dataclass(frozen=True)
 class Resource:
     filename: str
-    url: str
+    url: str | None  # None: no public URL (a repacked copy); errors then never suggest downloading it
     sha256: str | None  # None where no canonical checksum is published; then only presence is checked
 
 
@@ -47,9 +47,10 @@ def verify(path: Path, resource: Resource, dataset: str) -> None:
     if got != resource.sha256:
         raise ChecksumError(
             f"Dataset '{dataset}': file {path} has sha256 {got}, but the canonical {resource.filename} has "
-            f"{resource.sha256}. The file is corrupt or a different version; delete it and download it again from "
-            f"{resource.url} (or run with dataset.download=true), or set dataset.verify_checksum=false if you "
-            f"deliberately use a modified copy.")
+            f"{resource.sha256}. The file is corrupt or a different version; delete it and "
+            + (f"download it again from {resource.url} (or run with dataset.download=true)" if resource.url else
+               "replace it with a good copy (this file has no public URL)")
+            + ", or set dataset.verify_checksum=false if you deliberately use a modified copy.")
 
 
 def fetch(resource: Resource, data_dir: str | os.PathLike, dataset: str, download: bool = False,
@@ -60,6 +61,10 @@ def fetch(resource: Resource, data_dir: str | os.PathLike, dataset: str, downloa
         if check:
             verify(path, resource, dataset)
         return path
+    if not resource.url:
+        raise DatasetNotFoundError(
+            f"Dataset '{dataset}' needs {resource.filename}, which is not at {path}; it has no public URL, so put a "
+            f"copy there (set data_dir=... or $AMORTLAB_DATA to point elsewhere).")
     if not download:
         raise DatasetNotFoundError(
             f"Dataset '{dataset}' needs {resource.filename}, which is not at {path}. Download it from "

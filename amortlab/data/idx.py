@@ -98,7 +98,8 @@ class MNISTDataModule(TensorDataModule):
 
 class FashionMNISTDataModule(MNISTDataModule):
     name = "fashion_mnist"
-    base_url = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+    # the project's GitHub copy: https (its S3 website is http only); the checksums below pin the files
+    base_url = "https://github.com/zalandoresearch/fashion-mnist/raw/master/data/fashion/"
     train_images = Resource("train-images-idx3-ubyte.gz", base_url + "train-images-idx3-ubyte.gz",
                             "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84")
     test_images = Resource("t10k-images-idx3-ubyte.gz", base_url + "t10k-images-idx3-ubyte.gz",

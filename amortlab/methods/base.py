@@ -213,9 +213,9 @@ class ELBOModule(L.LightningModule):
             raise NonFiniteLossError(
                 f"The training loss became {loss.item()} at global step {self.global_step} (epoch "
                 f"{self.current_epoch}, batch {batch_idx}); training stopped before that step's update, and the "
-                f"checkpoints already written (last.ckpt / best) are intact. Lower the learning rate "
-                f"(optim.optimizer.lr=...), add warm-up (callbacks=annealing), or check the data for values outside "
-                f"[0, 1]; resume from the last good checkpoint with ckpt_path=.../last.ckpt.")
+                f"checkpoints written before it (results.json lists them, if any) are intact. Lower the learning "
+                f"rate (optim.optimizer.lr=...), add warm-up (annealing=kl or annealing=entropy), or check the data "
+                f"for values outside [0, 1]; then resume from last.ckpt (ckpt_path=...) or start again.")
         if self.global_step % self.log_every_n_steps == 0:
             self.log("train/loss", loss.detach(), on_step=True, on_epoch=False)
         return loss
@@ -275,12 +275,13 @@ class ELBOModule(L.LightningModule):
         return EvalInference(self.infer(x))
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        """Per-epoch validation: IWAE-``k_val`` from the method's q (the configured estimator runs at the end)."""
+        """Per-epoch validation: IWAE-``k_val`` from the method's q, logged as ``val_epoch/...`` (the final ``val/...``
+        numbers are the configured estimator with ``k_test``, after training)."""
         out = self.evaluate_batch(batch, self.k_val, "val")
         self.val_metrics.update(out, out.pop("z_mean"))
 
     def on_validation_epoch_end(self) -> None:
-        out = self.val_metrics.compute("val")  # exact float64 means over the split, summed across DDP ranks
+        out = self.val_metrics.compute("val_epoch")  # exact float64 means over the split, summed across DDP ranks
         if not self.trainer.sanity_checking:
             self.log_dict(out, sync_dist=False)
 

@@ -1,0 +1,124 @@
+"""Every run setting checked in one place, before anything is built, logged or written.
+
+``check_config(cfg)`` runs on the composed config (types and ranges of the keys train.py and Lightning read; unknown
+top-level keys; ``_target_``s restored from a checkpoint); ``check_data(cfg, datamodule)`` runs once the data is
+loaded (a training batch larger than the training set would give zero steps). Each problem is one line naming the
+key, the bad value and what is allowed; all problems come in one ``AmortlabError``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from amortlab.config import Config
+from amortlab.errors import AmortlabError
+
+# _target_ prefixes a checkpoint's stored config may name (train=false / resume instantiate them)
+SAFE_TARGET_PREFIXES = ("amortlab.", "lightning.", "torch.")
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+
+
+def _has(cfg: DictConfig, key: str) -> bool:
+    return OmegaConf.select(cfg, key, default="__absent__", throw_on_missing=False) != "__absent__"
+
+
+Rule = tuple[str, Callable[[Any, DictConfig], bool], str, str]
+
+# (key, ok(value, cfg), allowed, example). A key the config does not hold is skipped.
+RULES: list[Rule] = [
+    ("seed", lambda v, c: _int(v), "an integer", "seed=0"),
+    ("trainer.max_epochs", lambda v, c: _int(v) and (v >= 1 or (v == -1 and _int(_get(c, "trainer.max_steps"))
+                                                                 and _get(c, "trainer.max_steps") >= 1)),
+     "an integer >= 1 (-1 only together with trainer.max_steps >= 1; otherwise the run would never end)",
+     "trainer.max_epochs=20"),
+    ("trainer.max_steps", lambda v, c: _int(v) and (v == -1 or v >= 1), "-1 (no limit) or an integer >= 1",
+     "trainer.max_steps=-1"),
+    ("trainer.check_val_every_n_epoch", lambda v, c: v is None or (_int(v) and v >= 1), "an integer >= 1",
+     "trainer.check_val_every_n_epoch=1"),
+    ("trainer.log_every_n_steps", lambda v, c: _int(v) and v >= 1, "an integer >= 1", "trainer.log_every_n_steps=50"),
+    ("trainer.devices", lambda v, c: v == "auto" or (_int(v) and v >= 1) or isinstance(v, (list, ListConfig)),
+     "an integer >= 1, a list of device ids or auto", "trainer.devices=1"),
+    ("trainer.num_nodes", lambda v, c: _int(v) and v >= 1, "an integer >= 1", "trainer.num_nodes=1"),
+    ("dataset.batch_size", lambda v, c: _int(v) and v >= 1, "an integer >= 1", "dataset.batch_size=100"),
+    ("dataset.eval_batch_size", lambda v, c: _int(v) and v >= 1, "an integer >= 1", "dataset.eval_batch_size=100"),
+    ("dataset.train_subset", lambda v, c: v is None or (_int(v) and v >= 1), "null or an integer >= 1",
+     "dataset.train_subset=2000"),
+    ("importance_samples.train", lambda v, c: _int(v) and v >= 1, "an integer >= 1 (k = 1 is the ELBO)",
+     "importance_samples.train=1"),
+    ("importance_samples.val", lambda v, c: _int(v) and v >= 1, "an integer >= 1", "importance_samples.val=10"),
+    ("importance_samples.test", lambda v, c: _int(v) and v >= 1, "an integer >= 1", "importance_samples.test=5000"),
+    ("optim.optimizer.lr", lambda v, c: _num(v) and v > 0, "a number > 0", "optim.optimizer.lr=1e-3"),
+    ("optim.optimizer.eps", lambda v, c: _num(v) and v > 0, "a number > 0", "optim.optimizer.eps=1e-4"),
+    ("optim.interval", lambda v, c: v in ("epoch", "step"), "epoch or step", "optim.interval=epoch"),
+    ("evaluation.rows", lambda v, c: _int(v) and v >= 1, "an integer >= 1", "evaluation.rows=1000"),
+    ("evaluation.ckpt", lambda v, c: v in ("best", "last"), "best (lowest validation NLL) or last",
+     "evaluation.ckpt=best"),
+    ("evaluation.train_points", lambda v, c: _int(v) and v >= 0, "an integer >= 0 (0 = none)",
+     "evaluation.train_points=0"),
+]
+for _key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+    RULES.append((f"trainer.{_key}",
+                  lambda v, c: v is None or (_int(v) and v >= 0) or (isinstance(v, float) and 0.0 <= v <= 1.0),
+                  "null (all), an integer number of batches >= 0 or a fraction in [0, 1]", f"trainer.{_key}=10"))
+
+
+def _targets(node: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    if isinstance(node, dict):
+        if isinstance(node.get("_target_"), str):
+            yield path or "<root>", node["_target_"]
+        for k, v in node.items():
+            yield from _targets(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _targets(v, f"{path}[{i}]")
+
+
+def check_stored_targets(stored: dict[str, Any], source: str) -> None:
+    """Refuse a stored config (a checkpoint's) whose ``_target_``s point outside amortlab, Lightning and torch:
+    instantiating it would run arbitrary code."""
+    bad = [f"{p}: {t}" for p, t in _targets(stored) if not t.startswith(SAFE_TARGET_PREFIXES)]
+    if bad:
+        raise AmortlabError(f"The config stored in {source} names classes outside amortlab, Lightning and torch "
+                            f"({'; '.join(bad[:5])}); building them would run code from the checkpoint. Use a "
+                            f"checkpoint written by train.py, or pass the groups yourself and load only its weights.")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every rule in ``RULES`` plus unknown top-level keys; raises one ``AmortlabError`` listing all problems."""
+    problems = []
+    known = {f.name for f in dataclasses.fields(Config)} | {"hydra"}
+    unknown = sorted(set(cfg.keys()) - known)
+    if unknown:
+        problems.append(f"unknown top-level key(s) {unknown} (added with +KEY=...; nothing reads them): remove them "
+                        f"(known keys: {', '.join(sorted(known - {'hydra'}))})")
+    for key, ok, allowed, example in RULES:
+        if not _has(cfg, key):
+            continue
+        value = _get(cfg, key)
+        if not ok(value, cfg):
+            problems.append(f"{key}={value!r} must be {allowed} (e.g. {example})")
+    if problems:
+        raise AmortlabError("Invalid settings, nothing was started: " + "; ".join(problems) + ".")
+
+
+def check_data(cfg: DictConfig, train_size: int) -> None:
+    """A training batch must fit in the training set (the loader drops the incomplete last batch)."""
+    bs = int(cfg.dataset.batch_size)
+    if cfg.train and bs > train_size:
+        raise AmortlabError(f"dataset.batch_size={bs} is larger than the training set ({train_size} images): every "
+                            f"epoch would have zero training steps. Use at most {train_size} "
+                            f"(e.g. dataset.batch_size={min(100, train_size)}).")
