@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from amortlab.data.loader import Batch  # noqa: E402
 from amortlab.evaluation.ais import AISConfig, run_ais  # noqa: E402
-from amortlab.run import build_from_overrides  # noqa: E402
+from amortlab.run import build_from_overrides, load_weights  # noqa: E402
 
 
 def main() -> None:
@@ -53,7 +53,7 @@ def main() -> None:
     module, dm = build_from_overrides(["dataset=binarized_mnist", f"data_dir={a.data_dir}", "logger=none",
                                        *a.override])
     if a.ckpt:
-        module.load_state_dict(torch.load(a.ckpt, map_location="cpu", weights_only=False)["state_dict"])
+        load_weights(module, a.ckpt)  # tensors only (weights_only=True), old key layouts migrated
     module = module.to(a.device).eval()
     X = dm.splits["test"][:a.points].to(a.device)
     bs = a.batch or len(X)

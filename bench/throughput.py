@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from amortlab.callbacks import Throughput  # noqa: E402
+from amortlab.callbacks import EpochLog, Throughput  # noqa: E402
 from amortlab.run import build_from_overrides, quiet_lightning  # noqa: E402
 
 
@@ -74,7 +74,8 @@ def trainer(**kw) -> L.Trainer:
 def run_library_train(data_dir: Path, k: int, epochs: int, batches: int | None) -> float:
     module, dm = library(data_dir, k)
     tp = Throughput()
-    trainer(max_epochs=epochs, limit_train_batches=batches, callbacks=[tp]).fit(module, datamodule=dm)
+    # EpochLog is in every run's default callbacks (its per-step hook adds the loss on the device)
+    trainer(max_epochs=epochs, limit_train_batches=batches, callbacks=[tp, EpochLog()]).fit(module, datamodule=dm)
     return tp.images_per_s
 
 

@@ -221,13 +221,15 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
                  run_dir=tmp_path, check=False)
     err = _clean_error(proc)
     assert "global step 30" in err and "nan" in err.lower()
+    assert "annealing=kl" in err and "callbacks=annealing" not in err  # advice that exists: the annealing group
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert last.is_file()
-    state = torch.load(last, map_location="cpu", weights_only=False)
+    state = torch.load(last, map_location="cpu", weights_only=True)
     assert state["global_step"] == 24  # end of epoch 2, before the poisoned step
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
     r = results(tmp_path)
-    assert r["status"] == "failed" and "global step 30" in r["error"]
+    assert r["status"] == "failed" and "global step 30" in r["error"] and r["reason"] == "non_finite_loss"
+    assert r["checkpoints"]["last"] == str(last)  # the record lists the checkpoints that exist
 
 
 def test_existing_results_are_kept(tmp_path):
@@ -261,7 +263,7 @@ def test_training_points_are_evaluated_like_the_test_points(tmp_path):
     m = r["metrics"]
     assert m["test/n_points"] == 20 and m["train/n_points"] == 30
     assert r["timing"]["train_eval_s"] > 0
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     cfg = OmegaConf.create(ckpt["amortlab_config"])
     module = build_module(cfg)
     module.load_state_dict(ckpt["state_dict"])

@@ -165,3 +165,15 @@ def test_every_epoch_leaves_a_line_and_metric_names_say_what_they_are(tmp_path):
     final = [float(r["val/nll"]) for r in rows if r.get("val/nll")]
     assert len(per_epoch) == 3 and len(final) == 1  # the per-epoch IWAE-10 and the final IWAE-20: two keys
     assert results(tmp_path)["metrics"]["val/nll"] == pytest.approx(final[0], rel=1e-6)
+
+
+def test_error_advice_is_true():
+    """Advice names only fixes that exist: no download for a file without a public URL (the NaN message's advice:
+    test_cli.test_nan_loss_stops_with_step_and_keeps_checkpoint)."""
+    from amortlab.data.binarized_mnist import NPZ
+    from amortlab.data.download import fetch
+    from amortlab.errors import DatasetNotFoundError
+
+    with pytest.raises(DatasetNotFoundError) as e:
+        fetch(NPZ, "/nonexistent-dir", "binarized_mnist", download=True)
+    assert "no public URL" in str(e.value) and "download=true" not in str(e.value)
