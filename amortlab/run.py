@@ -73,11 +73,14 @@ def read_checkpoint(path: str | Path) -> dict:
                             f"checkpoints/best.ckpt or last.ckpt of a train.py run.") from None
 
 
-# keys a resumed run may change: how long it trains, how it is evaluated, logged and where its data lives
+# keys a resumed run may change when the command asks: how long it trains, how it is evaluated and logged
 RESUME_COMPATIBLE = ("trainer", "evaluation", "logger", "callbacks", "name", "group", "tags", "test", "train",
                      "ckpt_path", "skip_if_done", "data_dir", "x_dim", "importance_samples.val",
                      "importance_samples.test", "dataset.data_dir", "dataset.eval_batch_size", "dataset.download",
                      "dataset.verify_checksum")
+# keys that belong to this invocation (this machine's data, this run directory's paths), never restored
+RUN_LOCAL = ("data_dir", "ckpt_path", "train", "test", "skip_if_done", "x_dim", "name", "group", "tags", "logger",
+             "callbacks", "dataset.data_dir", "dataset.download", "dataset.verify_checksum", "trainer.default_root_dir")
 
 
 def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -102,17 +105,25 @@ def command_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task)
 
 
+def _set(node: dict, dotted: str, value: Any) -> None:
+    *path, last = dotted.split(".")
+    for key in path:
+        node = node.setdefault(key, {})
+    node[last] = value
+
+
 def resume_config(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) -> list[str]:
-    """Restore the run's own settings from its checkpoint's config into ``cfg`` (in place) and return the compatible
-    changes the command makes (``RESUME_COMPATIBLE``: more epochs, other evaluation, ...). A command that asks for an
-    incompatible change (another model, batch size, k, optimiser, seed, ...) is refused with the keys named; settings
-    the command does not mention come from the checkpoint, not from today's defaults."""
+    """Restore the run's config from its checkpoint into ``cfg`` (in place): every setting the command does not
+    mention comes from the checkpoint, not from today's defaults (``RUN_LOCAL`` keys — this machine's data dir, this
+    run directory's paths, the logger and callbacks — from the command). A mentioned setting may differ only where
+    that is compatible (``RESUME_COMPATIBLE``: more epochs, another evaluation, ...); those changes are returned for
+    the log. An incompatible one (another model, batch size, k, optimiser, seed, ...) is refused with the keys
+    named."""
     asked = {o.split("=", 1)[0].lstrip("+~").split("@")[0].replace("/", ".") for o in overrides}
-    now = _flat(OmegaConf.to_container(cfg, resolve=True))
-    before = _flat(saved)
-    keys = sorted(set(now) | set(before))
-    differ = [k for k in keys if now.get(k, "<absent>") != before.get(k, "<absent>")]
-    refused = [k for k in differ if not _covered(k, RESUME_COMPATIBLE) and _covered(k, asked)]
+    current = OmegaConf.to_container(cfg, resolve=True)
+    now, before = _flat(current), _flat(saved)
+    differ = [k for k in sorted(set(now) | set(before)) if now.get(k, "<absent>") != before.get(k, "<absent>")]
+    refused = [k for k in differ if _covered(k, asked) and not _covered(k, RESUME_COMPATIBLE + RUN_LOCAL)]
     if refused:
         shown = "; ".join(f"{k}: {before.get(k, '<absent>')!r} in the checkpoint, {now.get(k, '<absent>')!r} now"
                           for k in refused[:8])
@@ -120,21 +131,22 @@ def resume_config(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) 
                             f"{shown}). A resumed run keeps its model, data, k, optimiser and seed; drop these "
                             f"overrides (they are restored from the checkpoint), or start a new run without "
                             f"ckpt_path.")
-    restore = sorted({k.split(".")[0] for k in differ if not _covered(k, RESUME_COMPATIBLE)})
-    check_stored_targets({g: saved[g] for g in restore if g in saved}, str(cfg.ckpt_path))
+    keep = [k for k in differ if _covered(k, RUN_LOCAL) or _covered(k, asked)]  # the command's values
+    groups = sorted({k.split(".")[0] for k in differ if k not in keep and k.split(".")[0] in saved
+                     and not _covered(k.split(".")[0], RUN_LOCAL)})
+    check_stored_targets({g: saved[g] for g in groups}, str(cfg.ckpt_path))
     with open_dict(cfg):
-        for group in restore:
-            if group not in saved:
-                continue
-            node = OmegaConf.create(saved[group]) if isinstance(saved[group], dict) else saved[group]
-            if group == "dataset":  # this machine's copy of the data, this command's evaluation batch
-                for key in ("data_dir", "eval_batch_size", "download", "verify_checksum"):
-                    node[key] = cfg.dataset[key]
-            if group == "importance_samples":
-                node.val, node.test = cfg.importance_samples.val, cfg.importance_samples.test
+        for group in groups:
+            node = saved[group]
+            if isinstance(node, dict):
+                node = OmegaConf.to_container(OmegaConf.create(node))
+                for k in keep:
+                    if k.startswith(group + ".") and k in now:
+                        _set(node, k[len(group) + 1:], now[k])
+                node = OmegaConf.create(node)
             cfg[group] = node
     return [f"{k}: {before.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}" for k in differ
-            if _covered(k, asked) and _covered(k, RESUME_COMPATIBLE)]
+            if _covered(k, asked) and not _covered(k, RUN_LOCAL)]
 
 
 def prepare_config(cfg: DictConfig) -> DictConfig:

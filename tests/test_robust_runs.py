@@ -54,13 +54,15 @@ def test_batch_larger_than_the_training_set_is_refused(tmp_path):
 
 def test_resume_restores_the_runs_settings_and_refuses_incompatible_ones(tmp_path):
     first = tmp_path / "first"
-    train(*TINY, "dataset.batch_size=20", "trainer.max_epochs=1", run_dir=first)
+    train(*TINY, "dataset.batch_size=20", "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=2", run_dir=first)
     last = first / "checkpoints" / "last.ckpt"
     # as the README shows it: only ckpt_path and more epochs; the batch size comes back from the checkpoint
     resumed = tmp_path / "resumed"
     proc = train(*TINY, f"ckpt_path={last}", "trainer.max_epochs=2", run_dir=resumed)
     r = results(resumed)
     assert r["status"] == "ok" and r["config"]["dataset"]["batch_size"] == 20
+    assert r["config"]["trainer"]["check_val_every_n_epoch"] == 2  # the run's cadence, not today's default
+    assert r["config"]["trainer"]["default_root_dir"] == str(resumed)  # this run's paths
     assert r["timing"]["steps"] == 2 * (1258 // 20)
     assert "trainer.max_epochs: 1 -> 2" in (resumed / "train.log").read_text() + proc.stdout
     # an incompatible change is named, not a size-mismatch traceback
