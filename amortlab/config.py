@@ -49,6 +49,19 @@ class Evaluation:
 
 
 @dataclass
+class Stack:
+    """Several seeds of one config trained as one stacked computation (``amortlab.stack``).
+
+    seeds: e.g. ``[0, 1, 2, 3]``; null (default) = one ordinary run of ``seed``. Each member writes a single run's
+        files in ``<run dir>/<dir>`` and equals that run to float tolerance.
+    dir: the member's directory under the run dir, ``{seed}`` filled in.
+    """
+
+    seeds: Optional[list[int]] = None
+    dir: str = "seed{seed}"
+
+
+@dataclass
 class Config:
     dataset: Any = MISSING
     model: Any = MISSING
@@ -71,6 +84,7 @@ class Config:
     name: Optional[str] = None  # run name (W&B); default: derived from method, dataset, regularizer, k
     group: Optional[str] = None  # W&B group (sweep.py sets it to the study name)
     tags: list[str] = field(default_factory=list)
+    stack: Stack = field(default_factory=Stack)  # stack.seeds=[0,1,2,3]: N seeds as one stacked computation
 
 
 def register_configs() -> None:

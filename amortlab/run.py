@@ -262,6 +262,10 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     data, non_finite_loss, bug); the logger (W&B run) is closed on every path. A second live run in the same
     directory is refused (``RunLock``).
     """
+    if cfg.get("stack") and cfg.stack.seeds:
+        from amortlab.stack.run import run_stacked  # N seeds as one stacked computation, one record each
+
+        return run_stacked(cfg, out_dir)
     out_dir = Path(out_dir)
     quiet_lightning()
     if cfg.skip_if_done and (out_dir / "results.json").is_file():

@@ -137,10 +137,14 @@ class TensorDataModule(L.LightningDataModule):
             "data_dir": str(self.data_dir),
         }
 
-    def train_dataloader(self) -> TensorLoader:
+    def train_dataloader(self, seed: int | None = None, epoch_source=None) -> TensorLoader:
+        """Shuffled training batches; the order (and dynamic binarization) from ``seed`` (default ``dataset.seed``)
+        and the epoch (the trainer's, or ``epoch_source()``)."""
         self.setup()
-        return TensorLoader(self.splits["train"], self.batch_size, shuffle=True, drop_last=True, seed=self.seed,
-                            dynamic_binarization=self.binarization == "dynamic", epoch_source=self._trainer_epoch)
+        return TensorLoader(self.splits["train"], self.batch_size, shuffle=True, drop_last=True,
+                            seed=self.seed if seed is None else seed,
+                            dynamic_binarization=self.binarization == "dynamic",
+                            epoch_source=epoch_source or self._trainer_epoch)
 
     def _trainer_epoch(self) -> int | None:
         trainer = getattr(self, "trainer", None)

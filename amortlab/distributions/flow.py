@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from amortlab.activations import activation
+from amortlab.distributions import noise
 from amortlab.distributions.capabilities import Capabilities
 from amortlab.distributions.gaussian import DiagGaussian
 from amortlab.objectives import LOG_2PI
@@ -256,7 +257,7 @@ class AuxFlowPosterior:
     def sample_noise(self, k: int, generator: torch.Generator | None = None) -> Tensor:
         """Base noise (eps_z, eps_v) ~ N(0, I), concatenated: ``[k, B, Z + V]``."""
         shape = (k, self.mu_z.shape[0], self.z_dim + self.v_dim)
-        return torch.randn(shape, device=self.mu_z.device, dtype=self.mu_z.dtype, generator=generator)
+        return noise.randn(shape, self.mu_z, generator)
 
     def transform(self, eps: Tensor, return_aux: bool = False):
         """Push base noise ``[k, B, Z + V]`` through: (z_T ``[k, B, Z]``, log q~ ``[k, B]``) (and v_T, log|det|

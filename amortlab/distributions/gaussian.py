@@ -7,6 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from amortlab.distributions import noise
 from amortlab.distributions.capabilities import Capabilities
 from amortlab.objectives import LOG_2PI
 
@@ -37,7 +38,7 @@ class DiagGaussian:
 
     def sample_noise(self, k: int, generator: torch.Generator | None = None) -> Tensor:
         """eps ~ N(0, I) of shape ``[k, B, D]``."""
-        return torch.randn((k, *self.mu.shape), device=self.mu.device, dtype=self.mu.dtype, generator=generator)
+        return noise.randn((k, *self.mu.shape), self.mu, generator)
 
     def rsample_with_log_prob(self, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """z = mu + sigma * eps, ``[k, B, D]``, and log q(z) ``[k, B]``.

@@ -11,6 +11,7 @@ class AmortizedVAE(ELBOModule):
     """VAE / IWAE-k: one encoder pass gives q; everything else is the base module."""
 
     method_name = "amortized"
+    stackable = True  # N seeds train as one computation (amortlab.stack): q = encoder(x) has no per-method state
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module | None = None, **kwargs):
         super().__init__(decoder=decoder, **kwargs)

@@ -92,6 +92,7 @@ class ELBOModule(L.LightningModule):
     """
 
     method_name = "base"
+    stackable = False  # amortlab.stack can train N seeds of this method as one computation (checked per method)
 
     def __init__(self, model: GenerativeModel | None = None, decoder: nn.Module | None = None,
                  importance_samples: ImportanceSamples | dict | None = None, optim: dict | None = None,
@@ -205,6 +206,11 @@ class ELBOModule(L.LightningModule):
 
     def training_loss(self, x: Tensor) -> Tensor:
         return self.regularizer.training_loss(self, x, self.k_train)
+
+    def batch_mean(self, values: Tensor) -> Tensor:
+        """(1/B) sum_b values_b over the batch ``[B]`` (a stacked module, ``amortlab.stack``, averages each model's
+        block of rows and returns ``[N]``)."""
+        return values.mean()
 
     # --- steps ----------------------------------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:

@@ -30,8 +30,9 @@ class EncoderRegularizer:
         return encoder
 
     def training_loss(self, module: ELBOModule, x: Tensor, k: int) -> Tensor:
-        """Scalar loss = -(1/B) sum_b L_k(x_b), the encoder reading the clean x."""
-        return -module.bound(x, k).mean()
+        """Loss = -(1/B) sum_b L_k(x_b), the encoder reading the clean x (a scalar; ``[N]`` for N stacked models,
+        ``ELBOModule.batch_mean``)."""
+        return -module.batch_mean(module.bound(x, k))
 
     def tags(self) -> list[str]:
         return [f"reg:{self.name}"]
@@ -44,7 +45,7 @@ class EncoderRegularizer:
         """
         if alpha == 0.0:
             return EncoderRegularizer.training_loss(self, module, x, k)
-        perturbed = -module.bound(x, k, x_enc=x_enc(x)).mean()
+        perturbed = -module.batch_mean(module.bound(x, k, x_enc=x_enc(x)))
         if alpha == 1.0:
             return perturbed
         return alpha * perturbed + (1.0 - alpha) * EncoderRegularizer.training_loss(self, module, x, k)

@@ -8,8 +8,9 @@ the plain loss, bit for bit (the noisy term is not even formed).
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
+
+from amortlab.distributions import noise
 
 from amortlab.errors import AmortlabError
 from amortlab.regularizers.base import EncoderRegularizer
@@ -31,7 +32,7 @@ class Denoising(EncoderRegularizer):
     def training_loss(self, module, x: Tensor, k: int) -> Tensor:
         if self.sigma == 0.0:
             return super().training_loss(module, x, k)
-        return self.mixed_input_loss(module, x, k, self.alpha, lambda x: x + self.sigma * torch.randn_like(x))
+        return self.mixed_input_loss(module, x, k, self.alpha, lambda x: x + self.sigma * noise.randn(x.shape, x))
 
     def tags(self) -> list[str]:
         return [*super().tags(), f"sigma:{self.sigma:g}", f"alpha:{self.alpha:g}"]

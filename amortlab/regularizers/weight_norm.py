@@ -31,8 +31,8 @@ class CappedRowNorm(nn.Module):
         self.u = nn.Parameter(torch.zeros(rows))  # start with the cap at H / 2
 
     def forward(self, v: Tensor) -> Tensor:
-        norm = v.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        cap = self.H * torch.sigmoid(-self.u).unsqueeze(1)  # H / (1 + e^u)
+        norm = v.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [..., rows, 1] (leading dims: stacked models)
+        cap = self.H * torch.sigmoid(-self.u).unsqueeze(-1)  # H / (1 + e^u)
         return v / norm * torch.minimum(norm, cap)
 
 
@@ -50,17 +50,19 @@ class SpectralCap(nn.Module):
 
     @torch.no_grad()
     def _power(self, W: Tensor, n: int) -> None:
+        # W [..., out, in], u [..., out], v [..., in] (leading dims: stacked models, amortlab.stack)
         for _ in range(n):
-            self.v.copy_(F.normalize(W.t() @ self.u, dim=0))
-            self.u.copy_(F.normalize(W @ self.v, dim=0))
+            self.v.copy_(F.normalize((W.transpose(-1, -2) @ self.u.unsqueeze(-1)).squeeze(-1), dim=-1))
+            self.u.copy_(F.normalize((W @ self.v.unsqueeze(-1)).squeeze(-1), dim=-1))
 
     def forward(self, W: Tensor) -> Tensor:
         if self.training:
             self._power(W.detach(), self.n)
         # clones: the power iteration updates u, v in place at every forward, and a method may run the encoder
         # several times in one graph (iterative inference)
-        sigma = torch.dot(self.u.clone(), W @ self.v.clone())  # differentiable estimate; u, v are constants
-        return W / torch.clamp(sigma / self.coeff, min=1.0)
+        u, v = self.u.clone(), self.v.clone()  # a differentiable estimate u^T W v; u, v are constants
+        sigma = (u.unsqueeze(-1) * (W @ v.unsqueeze(-1))).sum((-2, -1))
+        return W / torch.clamp(sigma / self.coeff, min=1.0)[..., None, None]
 
 
 def _encoder_linears(encoder: nn.Module) -> list[nn.Linear]:

@@ -1,0 +1,116 @@
+"""What each stacked member keeps of a stacked fit: its checkpoints (a single run's format), its per-epoch values
+(for its W&B run) and a line per epoch on the console.
+
+A member checkpoint is the stacked trainer's checkpoint with the member's slice of every tensor: ``state_dict``
+(the member's own keys), the optimiser state, its ``amortlab_config`` and noise stream, and the state of the
+member's own ``ModelCheckpoint`` callbacks. So ``train=false ckpt_path=...`` evaluates it, and
+``ckpt_path=<member>/checkpoints/last.ckpt`` resumes the member as a single run.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+log = logging.getLogger("amortlab")
+
+
+def slice_optimizer_state(state: dict, i: int, shapes: list[torch.Size]) -> dict:
+    """Member i's slice of an optimiser ``state_dict`` whose parameters (in order) have the stacked ``shapes``."""
+    per_param = {}
+    for idx, st in state["state"].items():
+        shape = shapes[idx]
+        per_param[idx] = {k: v[i].clone() if torch.is_tensor(v) and v.shape == shape else v for k, v in st.items()}
+    return {"state": per_param, "param_groups": state["param_groups"]}
+
+
+class MemberRecords(L.Callback):
+    """Per-member checkpoints (``best``: lowest ``val_epoch/nll``; ``last``: every ``every_n_epochs``), per-epoch
+    history and the epoch line. ``checkpoints[i]``: member i's ``ModelCheckpoint`` callbacks by name (built from its
+    own config; only their settings and recorded state are used). ``configs[i]``: the member's resolved config."""
+
+    def __init__(self, checkpoints: list[dict[str, ModelCheckpoint]], configs: list[dict[str, Any]],
+                 names: list[str]):
+        self.checkpoints, self.configs, self.names = checkpoints, configs, names
+        self.history: list[list[tuple[int, dict[str, float]]]] = [[] for _ in configs]
+        self._t0 = 0.0
+        self._step0 = 0
+        self._full: dict | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t0, self._step0, self._full = time.perf_counter(), trainer.global_step, None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._full = None  # each save event dumps the trainer's state as it is then (as ModelCheckpoint does)
+        if trainer.sanity_checking or not pl_module.val_results:
+            return
+        epoch = trainer.current_epoch + 1
+        for i, values in enumerate(pl_module.val_results):
+            if i in pl_module.diverged:
+                continue
+            self.history[i].append((trainer.global_step, values))
+            for cb in self.checkpoints[i].values():
+                if cb.monitor and cb.monitor in values and self._due(cb, epoch):
+                    score = torch.tensor(values[cb.monitor])
+                    best = cb.best_model_score
+                    if best is None or (score < best if cb.mode == "min" else score > best):
+                        self._save(trainer, pl_module, i, cb, score)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        epoch, self._full = trainer.current_epoch + 1, None
+        for i in range(pl_module.n_stack):
+            if i in pl_module.diverged:
+                continue
+            for cb in self.checkpoints[i].values():
+                if not cb.monitor and self._due(cb, epoch):
+                    self._save(trainer, pl_module, i, cb, None)
+        self._log_epoch(trainer, pl_module, epoch)
+
+    @staticmethod
+    def _due(cb: ModelCheckpoint, epoch: int) -> bool:
+        every = cb._every_n_epochs or 0
+        return every >= 1 and (epoch % every == 0)
+
+    def _save(self, trainer, pl_module, i: int, cb: ModelCheckpoint, score) -> None:
+        if self._full is None:
+            self._full = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        full = self._full
+        path = Path(cb.dirpath) / f"{cb.filename}{cb.FILE_EXTENSION}"
+        cb.last_model_path = str(path) if not cb.monitor else cb.last_model_path
+        if score is not None:
+            cb.best_model_score, cb.current_score = score, score
+            cb.best_k_models = {str(path): score}
+            cb.kth_best_model_path, cb.kth_value = str(path), score
+        cb.best_model_path = str(path)
+        shapes = [p.shape for p in pl_module.parameters()]
+        ckpt = {k: v for k, v in full.items() if k not in ("state_dict", "optimizer_states", "callbacks")}
+        ckpt["state_dict"] = {k: v[i].clone() for k, v in full["state_dict"].items()}
+        ckpt["optimizer_states"] = [slice_optimizer_state(o, i, shapes) for o in full["optimizer_states"]]
+        ckpt["callbacks"] = {c.state_key: c.state_dict() for c in self.checkpoints[i].values()}
+        ckpt["amortlab_config"] = self.configs[i]
+        ckpt["torch_rng_state"] = pl_module.member_rng_state(i)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(ckpt, tmp)
+        tmp.replace(path)
+
+    def _log_epoch(self, trainer, pl_module, epoch: int) -> None:
+        seconds = time.perf_counter() - self._t0
+        batch = getattr(trainer.datamodule, "batch_size", 0)
+        rate = (trainer.global_step - self._step0) * batch / max(seconds, 1e-9)
+        losses = getattr(pl_module, "last_losses", None)
+        vals = [r.get("val_epoch/nll") for r in pl_module.val_results] if pl_module.val_results else []
+        parts = [f"epoch {epoch}/{trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else '?'}",
+                 f"{pl_module.n_stack} stacked models"]
+        if losses is not None:
+            parts.append("train -L_k (last step) " + " ".join(f"{v:.2f}" for v in losses.tolist()))
+        if vals:
+            parts.append("val_epoch/nll " + " ".join("-" if v is None else f"{v:.2f}" for v in vals))
+        parts.append(f"{rate:,.0f} img/s in all")
+        parts.append(f"{seconds:.1f} s")
+        log.info(" | ".join(parts))

@@ -1,0 +1,242 @@
+"""``train.py stack.seeds=[s1,...,sN]``: N runs of one config, differing in seed, trained as one stacked computation.
+
+Each member gets what its single run would write, in its own directory (``stack.dir``, default ``seed{seed}`` under
+the run dir): ``.hydra/config.yaml`` and ``overrides.yaml`` (as if run alone), ``results.json`` (same format, plus
+``stack``), ``checkpoints/best.ckpt`` and ``last.ckpt`` (single-run format: evaluable with ``train=false`` and
+resumable alone with ``ckpt_path=``), and its own logger run (W&B: the per-epoch values are written when training
+ends, then the final evaluation, as one run per member). Training noise, data order and initial weights are the
+member's single run's, so each member's numbers equal that run's to float tolerance (tests/test_stack.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from amortlab.callbacks import Throughput
+from amortlab.errors import AmortlabError, NonFiniteLossError
+from amortlab.run import (RunRecord, _instantiate, build_callbacks, build_logger, build_module, command_overrides,
+                          final_evaluation, load_weights, quiet_lightning, run_name, sigterm_as_interrupt, summary)
+from amortlab.runlock import RunLock
+from amortlab.stack.data import StackedData
+from amortlab.stack.layers import member_state
+from amortlab.stack.module import capture_rng, stack_method
+from amortlab.stack.records import MemberRecords
+from amortlab.validate import check_config, check_data
+
+log = logging.getLogger("amortlab")
+OUTPUT_DIR = "${hydra:runtime.output_dir}"
+
+
+def member_config(cfg: DictConfig, seed: int, out_dir: Path) -> DictConfig:
+    """The config of the member with ``seed``: the run's config, ``seed`` set, no stack, and every path under the
+    run dir (``${hydra:runtime.output_dir}``) moved to the member's dir."""
+    node = OmegaConf.to_container(cfg, resolve=False)
+
+    def move(v):
+        if isinstance(v, str):
+            return v.replace(OUTPUT_DIR, str(out_dir))
+        if isinstance(v, dict):
+            return {k: move(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [move(x) for x in v]
+        return v
+
+    node = move(node)
+    node["seed"] = int(seed)
+    node["stack"] = {"seeds": None, "dir": cfg.stack.dir}
+    member = OmegaConf.create(node)
+    OmegaConf.set_struct(member, True)
+    return member
+
+
+def member_overrides(overrides: list[str], seed: int) -> list[str]:
+    """The command's overrides as the member's single run would have them (``seed=``, no ``stack.*``)."""
+    keep = [o for o in overrides if not o.lstrip("+~").startswith(("stack.", "seed=", "stack="))]
+    return [*keep, f"seed={seed}"]
+
+
+def check_stackable(cfg: DictConfig) -> None:
+    """Refuse, before anything is built, what a stacked fit cannot do exactly."""
+    if not cfg.train or cfg.ckpt_path:
+        raise AmortlabError("stack.seeds trains new models; a stacked run neither evaluates nor resumes a checkpoint "
+                            "(train=false / ckpt_path). Resume or evaluate one member as a single run: "
+                            "ckpt_path=<run dir>/seed<s>/checkpoints/last.ckpt, without stack.seeds.")
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    if devices not in (1, "1", "auto", None) or nodes not in (1, None) or "ddp" in str(cfg.trainer.get("strategy")):
+        raise AmortlabError("stack.seeds runs the stacked models in one process on one device; drop trainer=ddp (or "
+                            "run one stacked job per device).")
+    if cfg.trainer.get("gradient_clip_val"):
+        raise AmortlabError("trainer.gradient_clip_val clips the norm of all stacked models' gradients together, "
+                            "which couples them; drop it or train one run per seed (no stack.seeds).")
+    if cfg.trainer.get("accumulate_grad_batches", 1) not in (1, None):
+        raise AmortlabError("stack.seeds does not combine with trainer.accumulate_grad_batches; drop one of them.")
+
+
+def run_stacked(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Train the members of ``cfg.stack.seeds`` as one stacked computation, then evaluate and record each one.
+    Returns ``{"status", "members": [results per member], "metrics": {}}``."""
+    out_dir = Path(out_dir)
+    quiet_lightning()
+    requested = list(cfg.stack.seeds)
+    if len(requested) < 2 or len(set(requested)) != len(requested):
+        raise AmortlabError(f"stack.seeds={requested} needs two or more distinct seeds (e.g. "
+                            f"stack.seeds=[0,1,2,3]).")
+    overrides = command_overrides()
+    seeds, dirs = [], []
+    for seed in cfg.stack.seeds:
+        d = out_dir / str(cfg.stack.dir).format(seed=seed)
+        if cfg.skip_if_done and (d / "results.json").is_file() and '"status": "ok"' in (d / "results.json").read_text():
+            print(f"amortlab: {d} already holds a finished run (skip_if_done=true); not running it again.")
+            continue
+        seeds.append(int(seed))
+        dirs.append(d)
+    if not seeds:
+        return {"status": "ok", "members": [], "metrics": {}}
+    with contextlib.ExitStack() as stack:
+        for d in dirs:
+            stack.enter_context(RunLock(d))
+        records = [RunRecord(d, True) for d in dirs]
+        try:
+            check_config(cfg)
+            check_stackable(cfg)
+            return _run_stacked(cfg, seeds, dirs, records, overrides)
+        except BaseException as e:
+            for r in records:
+                if r.results["status"] in ("running",):
+                    r.fail(e)
+            raise
+        finally:
+            for r in records:
+                r.close_logger()
+
+
+def _run_stacked(cfg: DictConfig, seeds: list[int], dirs: list[Path], records: list[RunRecord],
+                 overrides: list[str]) -> dict[str, Any]:
+    with open_dict(cfg):
+        if cfg.data_dir is None:
+            from amortlab.data.download import default_data_dir
+            cfg.data_dir = default_data_dir()
+        if cfg.trainer.get("enable_progress_bar") is None:
+            cfg.trainer.enable_progress_bar = sys.stderr.isatty()
+    cfgs = [member_config(cfg, s, d) for s, d in zip(seeds, dirs)]
+    for c, d, s in zip(cfgs, dirs, seeds):
+        (d / ".hydra").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(c, d / ".hydra" / "config.yaml")
+        (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(member_overrides(overrides, s)))
+
+    members, rng_states, dm = [], [], None
+    for c, r in zip(cfgs, records):
+        L.seed_everything(c.seed, workers=True, verbose=False)
+        member_dm = _instantiate(c.dataset, "dataset")
+        member_dm.setup("fit")
+        dm = dm or member_dm
+        r.results["data"] = member_dm.info()
+        check_data(c, r.results["data"]["train_size"])
+        with open_dict(c):
+            c.x_dim = member_dm.x_dim
+        module = build_module(c)
+        module.init_output_bias(member_dm.train_mean)
+        members.append(module)
+        rng_states.append(capture_rng())
+        r.results.update(config=module.run_config, tags=module.tags(), axes=module.axes(),
+                         estimator=module.estimator.name,
+                         stack={"seeds": seeds, "index": len(members) - 1, "run_dir": str(dirs[0].parent)})
+        del member_dm
+    stacked = stack_method(members, rng_states)
+
+    validates = cfg.trainer.get("limit_val_batches") not in (0, 0.0)
+    member_cbs = [build_callbacks(c, validates) for c in cfgs]
+    ckpt_cbs = [{k: v for k, v in cbs.items() if isinstance(v, ModelCheckpoint)} for cbs in member_cbs]
+    for r, cbs in zip(records, ckpt_cbs):
+        r.callbacks = cbs
+    records_cb = MemberRecords(ckpt_cbs, [m.run_config for m in members], [d.name for d in dirs])
+    throughput = Throughput()
+    shared = [cb for name, cb in member_cbs[0].items() if name == "annealing"]
+    trainer: L.Trainer = _instantiate(cfgs[0].trainer, "trainer", logger=False, enable_checkpointing=False,
+                                      callbacks=[throughput, records_cb, *shared])
+    log.info("amortlab: training %d models as one stacked computation (seeds %s) -> %s", len(seeds), seeds,
+             ", ".join(str(d) for d in dirs))
+    t0 = time.perf_counter()
+    with sigterm_as_interrupt():
+        try:
+            trainer.fit(stacked, datamodule=StackedData(dm, [c.dataset.seed for c in cfgs]))
+        except SystemExit:
+            if not trainer.interrupted:
+                raise
+    fit_s = round(time.perf_counter() - t0, 3)
+    aggregate = throughput.images_per_s
+
+    out: list[dict[str, Any]] = []
+    for i, (c, module, record) in enumerate(zip(cfgs, members, records)):
+        res = record.results
+        res["timing"].update(fit_s=fit_s, epochs=trainer.current_epoch, steps=trainer.global_step,
+                             train_images_per_s=round(aggregate / len(seeds), 1) if aggregate else None,
+                             stack_images_per_s=round(aggregate, 1) if aggregate else None)
+        if trainer.interrupted:
+            last = (record.callbacks.get("checkpoint_last") or ModelCheckpoint()).last_model_path or None
+            record.fail(KeyboardInterrupt())
+            res["error"] = (f"Training was interrupted (Ctrl-C or SIGTERM) at epoch {trainer.current_epoch}, step "
+                            f"{trainer.global_step}; not evaluated. "
+                            + (f"Resume this member alone with ckpt_path={last}." if last else
+                               "No checkpoint was written yet."))
+            record.write()
+            out.append(res)
+            continue
+        if i in stacked.diverged:
+            _replay(c, module, record, records_cb.history[i], stacked, i)
+            record.fail(NonFiniteLossError(stacked.diverged[i]))
+            record.close_logger()
+            out.append(res)
+            continue
+        module.load_state_dict(member_state(stacked, i))
+        out.append(_finish_member(c, module, dm, record, records_cb.history[i], stacked, i))
+        record.close_logger()  # one logger run open at a time (W&B: one run per process at a time)
+    status = "interrupted" if trainer.interrupted else ("ok" if all(r["status"] == "ok" for r in out) else "failed")
+    if trainer.interrupted:
+        print(f"\namortlab: interrupted; {out[0].get('error', '')}", file=sys.stderr, flush=True)
+    return {"status": status, "members": out, "metrics": {}}
+
+
+def _replay(cfg: DictConfig, module, record: RunRecord, history, stacked, i: int) -> L.Trainer:
+    """The member's logger, with its per-epoch values and training losses of the stacked fit; a trainer to
+    evaluate the member with (logging to it)."""
+    logger = record.logger = build_logger(cfg, module, record.results["data"]["name"])
+    if logger:
+        logger.log_hyperparams(module.run_config)
+        for step, losses in stacked.train_history:
+            logger.log_metrics({"train/loss": float(losses[i])}, step=step)
+        for step, values in history:
+            logger.log_metrics(values, step=step)
+    return _instantiate(cfg.trainer, "trainer", logger=logger, callbacks=[], enable_checkpointing=False)
+
+
+def _finish_member(cfg: DictConfig, module, dm, record: RunRecord, history, stacked, i: int) -> dict[str, Any]:
+    res, timing = record.results, record.results["timing"]
+    trainer = _replay(cfg, module, record, history, stacked, i)
+    ckpts = {name.removeprefix("checkpoint_"): cb.best_model_path or None for name, cb in record.callbacks.items()}
+    best = ckpts.get("best") or ""
+    eval_ckpt = best if (cfg.evaluation.ckpt == "best" and best) else None
+    res["checkpoints"] = {"evaluated": eval_ckpt or "final weights", **ckpts}
+    if cfg.test:
+        if eval_ckpt:
+            load_weights(module, eval_ckpt)
+        res["metrics"].update(final_evaluation(trainer, module, dm, cfg, timing))
+    res["status"] = "ok"
+    if cfg.test:
+        module.estimator.after_run(module, dm, res["metrics"], record.out_dir, run_name(cfg, module), record.logger,
+                                   int(cfg.evaluation.seed))
+    path = record.write()
+    if logging.getLogger().handlers:  # Hydra's logging: console and train.log
+        log.info(summary(res, path))
+    else:
+        print(summary(res, path), flush=True)
+    return res

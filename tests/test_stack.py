@@ -1,0 +1,115 @@
+"""Issue 17 part 2: N seeds trained as one stacked computation (``stack.seeds``) equal their single runs.
+
+Every comparison is against runs made independently by the ordinary single-run path (``run``), never against a
+value the stacked path computed itself: weights and optimiser state after the first steps, the per-epoch validation
+score that chose best.ckpt, the final test numbers, the results.json format, and a member checkpoint resumed alone.
+"""
+import json
+
+import pytest
+import torch
+
+from amortlab.errors import AmortlabError
+from amortlab.run import compose_config, read_checkpoint, run
+
+BASE = ["logger=none", "trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2"]
+SEEDS = (3, 5)
+
+
+def _single(tmp, s, *extra):
+    d = tmp / f"single{s}"
+    run(compose_config([*BASE, *extra, f"seed={s}"], d), d)
+    return d
+
+
+def _stacked(tmp, *extra, seeds=SEEDS):
+    d = tmp / "stack"
+    out = run(compose_config([*BASE, *extra, f"stack.seeds=[{','.join(map(str, seeds))}]"], d), d)
+    return d, out
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def _compare_checkpoints(single, member, which):
+    a = read_checkpoint(single / "checkpoints" / f"{which}.ckpt")
+    b = read_checkpoint(member / "checkpoints" / f"{which}.ckpt")
+    assert set(a) == set(b)  # the single-run format, key for key
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"])
+    assert _max_diff(a["state_dict"], b["state_dict"]) < 1e-5
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        assert torch.allclose(sa[i]["exp_avg"], sb[i]["exp_avg"], atol=1e-6)
+        assert torch.allclose(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"], atol=1e-8)
+    assert torch.equal(a["torch_rng_state"], b["torch_rng_state"])  # the member's noise stream, where its run's is
+    assert a["callbacks"].keys() == b["callbacks"].keys()
+    for key, state in a["callbacks"].items():
+        if state.get("best_model_score") is not None:  # the same per-epoch score chose the same best checkpoint
+            assert abs(float(state["best_model_score"]) - float(b["callbacks"][key]["best_model_score"])) < 1e-4
+
+
+@pytest.mark.parametrize("extra", [
+    ["importance_samples.test=20"],
+    ["importance_samples=k5", "encoder_regularizer=denoising", "posterior=flow", "test=false"],
+    ["encoder_regularizer=weight_norm", "importance_samples=k5", "test=false"],
+    ["encoder_regularizer=spectral_norm", "test=false"],
+    ["encoder_regularizer=adversarial", "model=cremer_mlp", "annealing=entropy", "test=false"],
+], ids=["vae", "iwae5-denoising-flow", "wni", "spectral", "adversarial-cremer-annealing"])
+def test_stacked_members_equal_their_single_runs(extra, tmp_path):
+    singles = {s: _single(tmp_path, s, *extra) for s in SEEDS}
+    stack_dir, out = _stacked(tmp_path, *extra)
+    assert out["status"] == "ok" and len(out["members"]) == len(SEEDS)
+    for s in SEEDS:
+        member = stack_dir / f"seed{s}"
+        for which in ("best", "last"):
+            _compare_checkpoints(singles[s], member, which)
+        a = json.loads((singles[s] / "results.json").read_text())
+        b = json.loads((member / "results.json").read_text())
+        assert set(a) | {"stack"} == set(b) and b["stack"]["seeds"] == list(SEEDS)
+        assert a["status"] == b["status"] == "ok" and a["axes"] == b["axes"] and a["tags"] == b["tags"]
+        assert a["config"] == {**b["config"], "stack": a["config"]["stack"]} or _same_but_paths(a, b)
+        assert a["metrics"].keys() == b["metrics"].keys()
+        for k, v in a["metrics"].items():
+            assert v == pytest.approx(b["metrics"][k], rel=1e-5, abs=1e-5), k
+
+
+def _same_but_paths(a, b) -> bool:
+    """Configs equal except where a path names the run's own directory."""
+    sa = json.dumps(a["config"], sort_keys=True).replace(a["out_dir"], "<dir>")
+    sb = json.dumps(b["config"], sort_keys=True).replace(b["out_dir"], "<dir>")
+    return sa == sb
+
+
+def test_a_member_checkpoint_resumes_alone_like_an_uninterrupted_run(tmp_path):
+    """Stacked for one epoch, then member 5 resumed as a single run for a second epoch = a single run of two."""
+    straight = _single(tmp_path, 5)
+    stack_dir, _ = _stacked(tmp_path, "trainer.max_epochs=1", "test=false")
+    resumed = tmp_path / "resumed"
+    cfg = compose_config([*BASE, "seed=5", f"ckpt_path={stack_dir / 'seed5' / 'checkpoints' / 'last.ckpt'}",
+                          "test=false"], resumed)
+    run(cfg, resumed)
+    a = read_checkpoint(straight / "checkpoints" / "last.ckpt")
+    b = read_checkpoint(resumed / "checkpoints" / "last.ckpt")
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"])
+    assert _max_diff(a["state_dict"], b["state_dict"]) < 1e-5
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["inference=sa_vae"], "is not stackable"),
+    (["ckpt_path=/nonexistent/last.ckpt"], "neither evaluates nor resumes"),
+    (["trainer.gradient_clip_val=1.0"], "couples them"),
+])
+def test_what_cannot_stack_is_refused_with_the_fix(extra, named, tmp_path):
+    with pytest.raises(AmortlabError, match=named):
+        _stacked(tmp_path, *extra)
+    for s in SEEDS:
+        r = json.loads((tmp_path / "stack" / f"seed{s}" / "results.json").read_text())
+        assert r["status"] == "failed" and r["reason"] == "config" and named in r["error"]
+
+
+def test_duplicate_seeds_are_refused(tmp_path):
+    with pytest.raises(AmortlabError, match="distinct seeds"):
+        _stacked(tmp_path, seeds=(1, 1))
