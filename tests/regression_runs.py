@@ -42,7 +42,8 @@ SKIP = ("infer_seconds", "refine_seconds")
 
 
 def run_one(name: str, out_dir: Path) -> dict[str, float]:
-    from amortlab.run import compose_config, run
+    from amortlab.build import compose_config
+    from amortlab.run import run
 
     torch.set_num_threads(1)  # one reduction order, so the pins hold to float tolerance
     cfg = compose_config([*COMMON, *RUNS[name]], output_dir=out_dir)

@@ -98,7 +98,7 @@ def assert_matches_independent_evaluation(run_dir: Path, draws=gaussian_draws, R
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from amortlab.run import build_module
+    from amortlab.build import build_module
 
     r = results(run_dir)
     m, k = r["metrics"], r["config"]["importance_samples"]["test"]
@@ -255,7 +255,7 @@ def test_training_points_are_evaluated_like_the_test_points(tmp_path):
     from omegaconf import OmegaConf
 
     from amortlab.data.loader import Batch
-    from amortlab.run import build_module
+    from amortlab.build import build_module
 
     train(*BASE, "evaluation.train_points=30", "evaluation.ckpt=last", "dataset.eval_batch_size=20",
           "trainer.limit_test_batches=1", run_dir=tmp_path)

@@ -15,7 +15,8 @@ from amortlab.errors import AmortlabError
 from amortlab.evaluation import chunk_size, iwae_estimate
 from amortlab.evaluation.protocol import Estimate, EvalBatch, Estimator
 from amortlab.nets.mlp import MLP
-from amortlab.run import build_from_overrides, compose_config, run
+from amortlab.build import build_from_overrides, compose_config
+from amortlab.run import run
 
 TINY = ["logger=none", "trainer.max_epochs=2", "importance_samples.test=400", "trainer.limit_test_batches=2",
         "evaluation.val=false", "dataset.eval_batch_size=50"]

@@ -308,7 +308,7 @@ def test_amortized_flow_vae_trains_on_binary_data():
 
 @pytest.mark.parametrize("reg", ["none", "weight_norm"])
 def test_posterior_flow_composes_and_builds(reg, tmp_path):
-    from amortlab.run import build_module, compose_config
+    from amortlab.build import build_module, compose_config
     cfg = compose_config(["posterior=flow", f"encoder_regularizer={reg}", "x_dim=64", "model.encoder.flow_hidden=16",
                           "encoder_size=large"], tmp_path)
     assert cfg.model.encoder._target_ == "amortlab.nets.FlowEncoder" and list(cfg.model.encoder.hidden) == [500, 500]

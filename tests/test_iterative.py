@@ -196,7 +196,8 @@ def test_weight_norm_wraps_update_network_and_encoder():
 
 # --- CLI (in-process: the same compose -> run as train.py, without the interpreter start) -----------------------------
 def cli(run_dir, *overrides: str) -> dict:
-    from amortlab.run import compose_config, run
+    from amortlab.build import compose_config
+    from amortlab.run import run
 
     cfg = compose_config(["logger=none", "trainer.max_epochs=2", "trainer.limit_train_batches=4",
                           "importance_samples.test=50", *overrides], run_dir)
@@ -230,7 +231,7 @@ def test_cli_composes_with_weight_norm_k5_and_encoder_init(tmp_path):
 
 def test_spectral_norm_composes_with_iterations():
     """The update net runs T times in one graph; the spectral-norm power iteration must not break backward."""
-    from amortlab.run import build_from_overrides
+    from amortlab.build import build_from_overrides
 
     module, dm = build_from_overrides(["inference=iterative", "encoder_regularizer=spectral_norm", "logger=none"])
     module.train()

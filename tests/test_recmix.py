@@ -319,7 +319,8 @@ def test_gaps_evaluation_runs_on_a_mixture():
 
 # --- CLI (in-process compose -> run, as train.py does) --------------------------------------------------------------
 def cli(run_dir, *overrides: str) -> dict:
-    from amortlab.run import compose_config, run
+    from amortlab.build import compose_config
+    from amortlab.run import run
 
     cfg = compose_config(["logger=none", "trainer.max_epochs=2", "trainer.limit_train_batches=4",
                           "importance_samples.test=50", *overrides], run_dir)
@@ -349,7 +350,7 @@ def test_cli_one_component_reproduces_the_vae_run(tmp_path):
 
 def test_iw_svi_with_a_mixture_is_refused():
     from amortlab.errors import AmortlabError
-    from amortlab.run import build_from_overrides
+    from amortlab.build import build_from_overrides
 
     with pytest.raises(AmortlabError, match="MixtureGaussian.*inference.components=1"):
         build_from_overrides(["inference=recursive_mixture", "evaluation=iw_svi", "logger=none"])

@@ -169,7 +169,7 @@ def test_iw_svi_leaves_decoder_untouched():
 
 @pytest.mark.parametrize("reg", ["none", "denoising", "weight_norm", "spectral_norm", "adversarial"])
 def test_every_regularizer_composes_from_config(reg, tmp_path):
-    from amortlab.run import build_module, compose_config
+    from amortlab.build import build_module, compose_config
     cfg = compose_config([f"encoder_regularizer={reg}", "x_dim=64", "evaluation=iw_svi"], tmp_path)
     m = build_module(cfg)
     assert m.regularizer.name == reg and m.estimator.name == "iw_svi"

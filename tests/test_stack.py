@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from amortlab.errors import AmortlabError
-from amortlab.run import compose_config, read_checkpoint, run
+from amortlab.build import compose_config, read_checkpoint
+from amortlab.run import run
 
 BASE = ["logger=none", "trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2"]
 SEEDS = (3, 5)

@@ -224,7 +224,7 @@ def test_repository_studies_expand():
 def test_repository_study_settings_build():
     """Every setting of every study in conf/sweep composes with its base and builds its method (no data, no run):
     a key an overlay sets that the chosen method does not take fails here, not hours into a sweep."""
-    from amortlab.run import build_module, compose_config
+    from amortlab.build import build_module, compose_config
 
     for name in available_studies():
         study = load_study(name)
@@ -361,3 +361,33 @@ settings:
     assert (table["killed"]["n_seeds"], table["killed"]["n_failed"]) == ("1", "1")
     assert not (out / "runs" / "killed" / "seed3" / "results.json").exists()
     assert "no results.json" in (out / "failures.md").read_text()
+
+
+def test_a_stacking_study_stacks_the_seeds_of_stackable_settings_only(tmp_path):
+    """stack: true -> the amortized setting's seeds run as one stacked job (members in runs/<id>/seed<s>, the same
+    files as single runs), the SA-VAE setting one run per seed; the table counts both; a rerun skips them all."""
+    study = write_study(tmp_path / "tiny.yaml", f"""
+name: tiny_stack
+base: {TINY_BASE}
+seeds: [3, 1000]
+stack: true
+settings:
+  - {{encoder_regularizer: none}}
+  - {{inference: sa_vae, inference.refinement.steps: 2}}
+metrics: [test/nll]
+""")
+    out = tmp_path / "out"
+    proc = run_sweep(f"study_file={study}", f"out_dir={out}", check_rc=0)
+    assert "+setting=none stack.seeds=[3,1000] " in proc.stdout
+    assert "stack.seeds" not in proc.stdout.split("+setting=sa_vae_steps2")[1].split("\n")[0]
+    for sid in ("none", "sa_vae_steps2"):
+        for seed in (3, 1000):
+            d = out / "runs" / sid / f"seed{seed}"
+            r = json.loads((d / "results.json").read_text())
+            assert r["status"] == "ok" and r["config"]["seed"] == seed and r["config"]["name"] == f"{sid}-s{seed}"
+            assert ("stack" in r) == (sid == "none")
+            assert (d / "checkpoints" / "last.ckpt").is_file() and (d / ".hydra" / "overrides.yaml").is_file()
+    table = read_csv(out / "table.csv")
+    assert table["none"]["n_seeds"] == table["sa_vae_steps2"]["n_seeds"] == "2"
+    proc = run_sweep(f"study_file={study}", f"out_dir={out}", check_rc=0)
+    assert "4 finished (skipped)" in proc.stdout and "launching 0" in proc.stdout and "warning" not in proc.stdout

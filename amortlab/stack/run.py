@@ -21,10 +21,11 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from amortlab.callbacks import Throughput
+from amortlab.build import (build_callbacks, build_logger, build_module, command_overrides, instantiate_group,
+                            load_weights, quiet_lightning, run_name)
+from amortlab.callbacks import EpochLog, ImagePanels, Throughput
 from amortlab.errors import AmortlabError, NonFiniteLossError
-from amortlab.run import (RunRecord, _instantiate, build_callbacks, build_logger, build_module, command_overrides,
-                          final_evaluation, load_weights, quiet_lightning, run_name, sigterm_as_interrupt, summary)
+from amortlab.record import RunRecord, final_evaluation, sigterm_as_interrupt, summary
 from amortlab.runlock import RunLock
 from amortlab.stack.data import StackedData
 from amortlab.stack.layers import member_state
@@ -136,7 +137,7 @@ def _run_stacked(cfg: DictConfig, seeds: list[int], dirs: list[Path], records: l
     members, rng_states, dm = [], [], None
     for c, r in zip(cfgs, records):
         L.seed_everything(c.seed, workers=True, verbose=False)
-        member_dm = _instantiate(c.dataset, "dataset")
+        member_dm = instantiate_group(c.dataset, "dataset")
         member_dm.setup("fit")
         dm = dm or member_dm
         r.results["data"] = member_dm.info()
@@ -160,8 +161,11 @@ def _run_stacked(cfg: DictConfig, seeds: list[int], dirs: list[Path], records: l
         r.callbacks = cbs
     records_cb = MemberRecords(ckpt_cbs, [m.run_config for m in members], [d.name for d in dirs])
     throughput = Throughput()
-    shared = [cb for name, cb in member_cbs[0].items() if name == "annealing"]
-    trainer: L.Trainer = _instantiate(cfgs[0].trainer, "trainer", logger=False, enable_checkpointing=False,
+    # per-run callbacks are replaced (checkpoints, throughput, epoch line: MemberRecords) or not drawn (image
+    # panels); every other one (annealing, a user's +callbacks.NAME) sees the stacked module
+    shared = [cb for cb in member_cbs[0].values()
+              if not isinstance(cb, (ModelCheckpoint, Throughput, EpochLog, ImagePanels))]
+    trainer: L.Trainer = instantiate_group(cfgs[0].trainer, "trainer", logger=False, enable_checkpointing=False,
                                       callbacks=[throughput, records_cb, *shared])
     log.info("amortlab: training %d models as one stacked computation (seeds %s) -> %s", len(seeds), seeds,
              ", ".join(str(d) for d in dirs))
@@ -216,7 +220,7 @@ def _replay(cfg: DictConfig, module, record: RunRecord, history, stacked, i: int
             logger.log_metrics({"train/loss": float(losses[i])}, step=step)
         for step, values in history:
             logger.log_metrics(values, step=step)
-    return _instantiate(cfg.trainer, "trainer", logger=logger, callbacks=[], enable_checkpointing=False)
+    return instantiate_group(cfg.trainer, "trainer", logger=logger, callbacks=[], enable_checkpointing=False)
 
 
 def _finish_member(cfg: DictConfig, module, dm, record: RunRecord, history, stacked, i: int) -> dict[str, Any]:

@@ -56,6 +56,8 @@ SWEEP_KEYS = {
     "collect_only": "true: launch nothing, only write the tables and plots",
     "retry_failed": "true: also relaunch runs whose results.json says failed (default: only crashed ones)",
     "resume": "false: relaunch crashed runs from scratch instead of from their last.ckpt (default true)",
+    "stack": "true/false: train each setting's seeds as one stacked computation where the method allows "
+             "(default: the study's stack)",
 }
 
 
@@ -87,6 +89,8 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
         bare = key.lstrip("+~")
         if bare == "seed":
             raise SweepError(f"'{arg}': the seeds of a study are set with seeds=[0,1,...], not seed=.")
+        if bare == "stack" or bare.startswith("stack."):
+            raise SweepError(f"'{arg}': sweep.py stacks a setting's seeds itself; use stack=true or stack=false.")
         if bare in ("hydra/launcher",):
             raise SweepError(f"'{arg}': pick the launcher with launcher=({'|'.join(LAUNCHERS)}); its keys with "
                              f"hydra.launcher.KEY=VALUE.")
@@ -94,7 +98,7 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
             raise SweepError(f"'{arg}': sweep.py sets {bare} itself (runs go to <out_dir>/runs/<setting>/seed<s>); "
                              f"use out_dir= to move them.")
         extra.append(arg)
-    for key in ("dry_run", "collect_only", "retry_failed", "resume"):
+    for key in ("dry_run", "collect_only", "retry_failed", "resume", "stack"):
         if key in opts:
             opts[key] = _as_bool(key, yaml_value(opts[key]))
     if "seeds" in opts:
@@ -172,7 +176,10 @@ def _main(argv: list[str]) -> int:
             stack.enter_context(lock(out_dir))
             settings_dir = out_dir / "settings"
         write_setting_files(settings, settings_dir, name)
-        extras = compose_settings(settings, settings_dir, run_overrides, seeds[0], name)
+        stackable: set[str] = set()
+        extras = compose_settings(settings, settings_dir, run_overrides, seeds[0], name, stackable)
+        if not opts.get("stack", study["stack"]):
+            stackable = set()
         write_setting_files(settings, settings_dir, name, extras)
 
         states = {(s.id, seed): run_state(run_dir(out_dir, s.id, seed)) for s in settings for seed in seeds}
@@ -191,13 +198,14 @@ def _main(argv: list[str]) -> int:
             print(f"\nsetting files (written to {out_dir / 'settings' / 'setting'} when launched), e.g.:\n")
             print(setting_yaml(settings[0], name, extras.get(settings[0].id)))
             print("commands:" if todo else "nothing to launch; the tables would be collected from the finished runs")
-            for launch in plan_launches(todo, out_dir, resume):
+            for launch in plan_launches(todo, out_dir, resume, stackable):
                 cmd = launch_command(launch, out_dir, cmd_overrides, hydra_launcher, launcher_overrides, name)
                 print("  " + shlex.join(cmd))
             return 0
 
         write_manifest(out_dir, study, settings, seeds, run_overrides, launcher)
-        interrupted = launch_all(todo, out_dir, cmd_overrides, hydra_launcher, launcher_overrides, name, resume)
+        interrupted = launch_all(todo, out_dir, cmd_overrides, hydra_launcher, launcher_overrides, name, resume,
+                                 stackable)
     rc = _collect_and_report(out_dir, study, settings, expected, reports)
     return 130 if interrupted else rc
 

@@ -31,6 +31,7 @@ LAUNCHERS = {"basic": "basic", "joblib": "local_parallel", "submitit_local": "lo
 # e.g. out of memory), the jobs it never started can be launched again at once without duplicating queued ones
 RELAUNCHABLE = {"basic", "local_parallel"}
 SUBDIR = "${hydra:runtime.choices.setting}/seed${seed}"
+STACKED_SUBDIR = "${hydra:runtime.choices.setting}"  # a stacked job; its members write <subdir>/seed<s> themselves
 
 
 @dataclass
@@ -38,14 +39,17 @@ class Launch:
     settings: list[str]
     seeds: list[int]
     resume_from: str | None = None  # last.ckpt of a crashed run (then one setting, one seed)
+    stacked: bool = False  # each setting's seeds trained as one stacked computation (train.py stack.seeds=[...])
 
     def pairs(self) -> list[tuple[str, int]]:
         return [(s, seed) for s in self.settings for seed in self.seeds]
 
 
-def plan_launches(pairs: list[tuple[str, int]], out_dir: Path, resume: bool = True) -> list[Launch]:
+def plan_launches(pairs: list[tuple[str, int]], out_dir: Path, resume: bool = True,
+                  stackable: set[str] | frozenset[str] = frozenset()) -> list[Launch]:
     """Group the (setting, seed) pairs to run into as few multiruns as possible: settings sharing the same set of
-    seeds to run go in one multirun; a crashed run with a last.ckpt is resumed from it in its own multirun."""
+    seeds to run go in one multirun; a crashed run with a last.ckpt is resumed from it in its own multirun. Settings
+    in ``stackable`` with two or more seeds to run go in multiruns of their own whose jobs stack those seeds."""
     order = {p: i for i, p in enumerate(pairs)}
     by_setting: dict[str, list[int]] = {}
     launches: list[Launch] = []
@@ -56,10 +60,10 @@ def plan_launches(pairs: list[tuple[str, int]], out_dir: Path, resume: bool = Tr
             launches.append(Launch([sid], [seed], resume_from=str(ckpt)))
         else:
             by_setting.setdefault(sid, []).append(seed)
-    groups: dict[tuple[int, ...], list[str]] = {}
+    groups: dict[tuple[tuple[int, ...], bool], list[str]] = {}
     for sid, seeds in by_setting.items():
-        groups.setdefault(tuple(seeds), []).append(sid)
-    launches = [Launch(sids, list(seeds)) for seeds, sids in groups.items()] + launches
+        groups.setdefault((tuple(seeds), sid in stackable and len(seeds) > 1), []).append(sid)
+    launches = [Launch(sids, list(seeds), stacked=stacked) for (seeds, stacked), sids in groups.items()] + launches
     launches.sort(key=lambda launch: min(order[p] for p in launch.pairs()))
     return launches
 
@@ -68,14 +72,15 @@ def launch_command(launch: Launch, out_dir: Path, run_overrides: list[str], laun
                    launcher_overrides: list[str], study_name: str, settings_dir: Path | None = None) -> list[str]:
     """The ``train.py -m`` command of one multirun (``launcher``: an option of the hydra/launcher group)."""
     settings_dir = settings_dir or out_dir / "settings"
+    seeds = ",".join(str(s) for s in launch.seeds)
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", searchpath(settings_dir),
-           f"+setting={','.join(launch.settings)}", f"seed={','.join(str(s) for s in launch.seeds)}",
+           f"+setting={','.join(launch.settings)}", f"stack.seeds=[{seeds}]" if launch.stacked else f"seed={seeds}",
            *run_overrides]
     if launch.resume_from:
         cmd.append(f"ckpt_path={quote(launch.resume_from)}")
     cmd += ["skip_if_done=true", f"hydra.sweep.dir={quote(str(out_dir / 'runs'))}",
-            f"hydra.sweep.subdir={SUBDIR}", f"hydra/launcher={LAUNCHERS.get(launcher, launcher)}",
-            *launcher_overrides]
+            f"hydra.sweep.subdir={STACKED_SUBDIR if launch.stacked else SUBDIR}",
+            f"hydra/launcher={LAUNCHERS.get(launcher, launcher)}", *launcher_overrides]
     return cmd
 
 
@@ -101,7 +106,8 @@ def lock(out_dir: Path) -> Iterator[None]:
 
 
 def launch_all(todo: list[tuple[str, int]], out_dir: Path, cmd_overrides: list[str], hydra_launcher: str,
-               launcher_overrides: list[str], name: str, resume: bool) -> bool:
+               launcher_overrides: list[str], name: str, resume: bool,
+               stackable: set[str] | frozenset[str] = frozenset()) -> bool:
     """Launch the runs in ``todo``; with a local launcher, relaunch the runs that a dying multirun never started.
     True when interrupted (Ctrl-C)."""
     attempted: set[tuple[str, int]] = set()
@@ -110,7 +116,7 @@ def launch_all(todo: list[tuple[str, int]], out_dir: Path, cmd_overrides: list[s
     while remaining:
         round_ += 1
         progressed = False
-        for launch in plan_launches(remaining, out_dir, resume):
+        for launch in plan_launches(remaining, out_dir, resume, stackable):
             cmd = launch_command(launch, out_dir, cmd_overrides, hydra_launcher, launcher_overrides, name)
             print(f"\n$ {shlex.join(cmd)}", flush=True)
             t0 = time.time()

@@ -14,7 +14,7 @@ CONF = ROOT / "conf"
 STUDY_DIR = CONF / "sweep"
 
 STUDY_KEYS = {"name", "description", "base", "seeds", "grid", "settings", "launcher", "launcher_overrides",
-              "metrics", "select_by", "tags", "reports"}
+              "metrics", "select_by", "tags", "reports", "stack"}
 
 
 class SweepError(AmortlabError):
@@ -98,4 +98,8 @@ def load_study(name: str | None = None, study_file: str | Path | None = None,
     study["settings"] = settings
     study["grid"] = study.get("grid") or {}
     study["seeds"] = parse_seeds(study.get("seeds", [0]))
+    if not isinstance(study.get("stack", False), bool):
+        raise SweepError(f"{path}: 'stack' must be true (train each setting's seeds as one stacked computation where "
+                         f"the method allows, amortlab.stack) or false.")
+    study["stack"] = bool(study.get("stack", False))
     return study

@@ -1,0 +1,150 @@
+"""A run's record: its results.json written however the run ends (finished, interrupted, failed), the final
+evaluation, and the summary printed at the end. Shared by a single run and each member of a stacked one."""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig
+
+from amortlab.errors import AmortlabError, ChecksumError, DatasetNotFoundError, NonFiniteLossError
+from amortlab.evaluation.final import evaluate
+from amortlab.logging import finish_logger, git_commit, versions, write_results
+
+
+class RunRecord:
+    """The run's ``results`` dict, written to results.json (global rank zero) when the run ends however it ends."""
+
+    def __init__(self, out_dir: Path, rank_zero: bool):
+        self.out_dir, self.rank_zero = out_dir, rank_zero
+        self.results: dict[str, Any] = {"status": "running", "metrics": {}, "out_dir": str(out_dir),
+                                        "versions": versions(), "git_commit": git_commit(), "timing": {}}
+        self.logger = None
+        self.callbacks: dict[str, L.Callback] = {}
+        self.logger_status = "success"
+
+    def write(self) -> Path | None:
+        return write_results(self.out_dir / "results.json", self.results) if self.rank_zero else None
+
+    def fail(self, e: BaseException) -> None:
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            status, reason = "interrupted", "interrupted"
+        elif isinstance(e, NonFiniteLossError):
+            status, reason = "failed", "non_finite_loss"
+        elif isinstance(e, (DatasetNotFoundError, ChecksumError)):
+            status, reason = "failed", "data"
+        elif isinstance(e, AmortlabError):
+            status, reason = "failed", "config"
+        else:
+            status, reason = "failed", "bug"
+        message = " ".join(str(e).split()) or type(e).__name__
+        self.results.update(status=status, reason=reason, error=message if reason != "bug" else
+                            f"{type(e).__name__}: {message}")
+        if self.callbacks:
+            self.results["checkpoints"] = checkpoint_paths(self.callbacks)
+        self.logger_status = "failed"
+        self.write()
+
+    def close_logger(self) -> None:
+        if not self.logger:
+            return
+        if self.rank_zero:
+            finish_logger(self.logger, self.results["metrics"], self.logger_status)
+        else:
+            self.logger.finalize(self.logger_status)
+        self.logger = None
+
+
+def checkpoint_paths(callbacks: dict[str, L.Callback]) -> dict[str, str | None]:
+    """{"best": path, "last": path}: each checkpoint callback's file, by its name without ``checkpoint_``."""
+    return {name.removeprefix("checkpoint_"): cb.best_model_path or None for name, cb in callbacks.items()
+            if isinstance(cb, ModelCheckpoint)}
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a scheduler's stop, ``kill``) is handled like Ctrl-C during training: Lightning stops cleanly and
+    the run records ``status: interrupted``. Main thread only (signal handlers cannot be set elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def final_evaluation(trainer: L.Trainer, module, dm, cfg: DictConfig, timing: dict[str, Any]) -> dict[str, Any]:
+    """The final numbers: the configured estimator with k = importance_samples.test on the validation split
+    (``evaluation.val``), the test split and the first ``evaluation.train_points`` training images (``train/...``:
+    the same estimator, k and seeds; ``trainer.limit_test_batches`` does not apply there, N says how many)."""
+    metrics: dict[str, Any] = {}
+    k, est = module.k_test, module.estimator
+    t0 = time.perf_counter()
+    if cfg.evaluation.val:
+        metrics.update(evaluate(trainer, module, dm.val_dataloader(), "val", k, est))
+    t1 = time.perf_counter()
+    metrics.update(evaluate(trainer, module, dm.test_dataloader(), "test", k, est))
+    timing["val_s"] = round(t1 - t0, 3)
+    timing["test_s"] = round(time.perf_counter() - t1, 3)
+    n_test = metrics.get("test/n_points", dm.info()["test_size"])  # limit_test_batches aware
+    timing["test_images_per_s"] = round(n_test / max(timing["test_s"], 1e-9), 2)
+    n_train = int(cfg.evaluation.get("train_points") or 0)
+    if n_train:
+        t2 = time.perf_counter()
+        limit = trainer.limit_test_batches
+        trainer.limit_test_batches = 1.0
+        try:
+            metrics.update(evaluate(trainer, module, dm.eval_dataloader("train", n_train), "train", k, est))
+        finally:
+            trainer.limit_test_batches = limit
+        timing["train_eval_s"] = round(time.perf_counter() - t2, 3)
+    return metrics
+
+
+def summary(results: dict[str, Any], path: Path) -> str:
+    m, t, d = results["metrics"], results["timing"], results["data"]
+    cfg = results["config"]
+
+    def f(key: str) -> str:
+        v = m.get(key)
+        return f"{v:10.3f}" if isinstance(v, float) and math.isfinite(v) else f"{'-':>10}"
+
+    k = cfg["importance_samples"]["test"]
+    est = results["estimator"]
+    name = f"NLL (IWAE-{k})" if est == "iwae" else f"NLL ({est}, IWAE-{k})"
+    lines = [
+        "",
+        f"amortlab | {' '.join(results['tags'])} | data:{d['name']} ({d['train_size']}/{d['val_size']}/"
+        f"{d['test_size']}, {d['binarization']})",
+        f"{'split':<6}{name + ' [n]':>26}{'-ELBO':>10}{'inf. gap':>10}{'AU':>5}"
+        + (f"{'NLL (IWAE)':>12}" if est != "iwae" else ""),
+    ]
+    for split in ("val", "test", "train"):
+        n = m.get(f"{split}/n_points")
+        if split == "train" and n is None:
+            continue
+        au = m.get(f"{split}/active_units", "-")
+        row = (f"{split:<6}{f(split + '/nll') + (f' [{n}]' if n is not None else ''):>26}{f(split + '/neg_elbo')}"
+               f"{f(split + '/inference_gap')}{au:>5}")
+        lines.append(row + (f"  {f(split + '/nll_iwae')}" if est != "iwae" else ""))
+    lines += [
+        f"time: fit {t.get('fit_s', 0):.1f}s ({t.get('train_images_per_s') or 0:.0f} img/s), "
+        f"eval val {t.get('val_s', 0):.1f}s + test {t.get('test_s', 0):.1f}s"
+        + (f" + train points {t['train_eval_s']:.1f}s" if t.get("train_eval_s") is not None else ""),
+        f"results: {path}",
+        f"checkpoints: {Path(path).parent / 'checkpoints'}   images: {Path(path).parent / 'images'}",
+    ]
+    return "\n".join(lines)
