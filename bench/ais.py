@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from amortlab.data.loader import Batch  # noqa: E402
 from amortlab.evaluation.ais import AISConfig, run_ais  # noqa: E402
-from amortlab.run import build_from_overrides, load_weights  # noqa: E402
+from amortlab.build import build_from_overrides, load_weights  # noqa: E402
 
 
 def main() -> None:

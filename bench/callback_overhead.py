@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from amortlab.callbacks import Throughput  # noqa: E402
-from amortlab.run import build_from_overrides, quiet_lightning  # noqa: E402
+from amortlab.build import build_from_overrides, quiet_lightning  # noqa: E402
 
 
 def images_per_s(data_dir: str, batch: int, monitor: bool, steps: int) -> float:

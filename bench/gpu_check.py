@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from amortlab.callbacks import Throughput  # noqa: E402
 from amortlab.data.loader import Batch  # noqa: E402
-from amortlab.run import build_from_overrides, quiet_lightning  # noqa: E402
+from amortlab.build import build_from_overrides, quiet_lightning  # noqa: E402
 
 DECODER_FLOPS_PER_SAMPLE = 2 * (50 * 200 + 200 * 200 + 200 * 784)
 

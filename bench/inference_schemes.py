@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from amortlab.data.loader import Batch  # noqa: E402
-from amortlab.run import build_from_overrides  # noqa: E402
+from amortlab.build import build_from_overrides  # noqa: E402
 
 
 STEPS_KEY = {"sa_vae": "refinement.steps", "vae_svi": "refinement.steps", "iterative": "iterations",

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from amortlab.evaluation.iw_svi import refine  # noqa: E402
-from amortlab.run import build_from_overrides  # noqa: E402
+from amortlab.build import build_from_overrides  # noqa: E402
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from amortlab.evaluation.gaps import local_family  # noqa: E402
 from amortlab.evaluation.qstar import optimize_local  # noqa: E402
-from amortlab.run import build_from_overrides  # noqa: E402
+from amortlab.build import build_from_overrides  # noqa: E402
 
 
 def main() -> None:

@@ -4,6 +4,7 @@
     python bench/throughput.py                  # k = 1 and k = 50 training, IWAE-5000 evaluation, paper overlays
     python bench/throughput.py --quick          # shorter runs (noisier)
     python bench/throughput.py --only burda cremer air   # the paper overlays only
+    python bench/throughput.py --only stack20 stack100   # N seeds stacked vs separate runs
 
 Same model (784-200-200-50 tanh), batch 100, fused Adam, same thread count, same process (so the same allocator
 settings). Library and reference runs are interleaved and repeated; the table reports medians and the ratio
@@ -11,6 +12,11 @@ library / reference. Library training throughput is the Lightning fit loop's tra
 Trainer start-up excluded; > 3 epochs or 300 steps per measurement); evaluation throughput is the test epoch of
 ``trainer.test`` with the library's default evaluation settings (IWAE-5000, 100 images x 10-sample chunks).
 Targets (issue 3): training >= 0.85x at k = 1 and k = 50, IWAE-5000 evaluation >= 0.9x.
+
+Stacked seeds (``stack20``, ``stack100``; issue 17): 8 seeds trained as one stacked computation (``stack.seeds``),
+aggregate training images/s against one single run of the same config (N separate runs one after another reach
+the single run's rate in aggregate); both through ``run`` with the default callbacks and validation off. Targets
+>= 1.8x at batch 20 and >= 1.3x at batch 100.
 
 Paper overlays (``burda``, ``cremer``, ``air``; issue 17): the overlay itself through ``amortlab.run.run`` with
 ``test=false`` (its own batch size, callbacks, checkpoint and validation cadence; a few epochs of
@@ -37,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from amortlab.callbacks import EpochLog, Throughput  # noqa: E402
-from amortlab.run import build_from_overrides, quiet_lightning  # noqa: E402
+from amortlab.build import build_from_overrides, quiet_lightning  # noqa: E402
 
 
 def reference_module(shared: Path):
@@ -103,13 +109,38 @@ OVERLAYS = {  # key: (experiment, batch, k)
 def run_overlay(data_dir: Path, experiment: str, epochs: int, batches: int) -> float:
     import tempfile
 
-    from amortlab.run import compose_config, run
+    from amortlab.build import compose_config
+    from amortlab.run import run
 
     with tempfile.TemporaryDirectory(prefix="bench-overlay-") as out:
         cfg = compose_config([f"experiment={experiment}", f"data_dir={data_dir}", "logger=none", "test=false",
                               f"trainer.max_epochs={epochs}", f"trainer.limit_train_batches={batches}"], out)
         with contextlib.redirect_stdout(io.StringIO()):
             return run(cfg, out)["timing"]["train_images_per_s"]
+
+
+STACKED = {  # key: (batch, N): N seeds trained as one stacked computation (stack.seeds) vs one run at a time
+    "stack20": (20, 8),
+    "stack100": (100, 8),
+}
+
+
+def run_stacked_pair(data_dir: Path, batch: int, n: int, epochs: int, batches: int) -> tuple[float, float]:
+    """(aggregate images/s of N stacked seeds, images/s of one single run = the aggregate of N runs made one after
+    another), both through ``run`` with the default callbacks, validation off."""
+    import tempfile
+
+    from amortlab.build import compose_config
+    from amortlab.run import run
+
+    base = ["dataset=binarized_mnist", f"data_dir={data_dir}", "logger=none", "test=false",
+            f"dataset.batch_size={batch}", f"trainer.max_epochs={epochs}", f"trainer.limit_train_batches={batches}",
+            "trainer.limit_val_batches=0"]
+    with tempfile.TemporaryDirectory(prefix="bench-stack-") as out, contextlib.redirect_stdout(io.StringIO()):
+        single = run(compose_config(base, out), out)["timing"]["train_images_per_s"]
+    with tempfile.TemporaryDirectory(prefix="bench-stack-") as out, contextlib.redirect_stdout(io.StringIO()):
+        res = run(compose_config([*base, f"stack.seeds=[{','.join(map(str, range(n)))}]"], out), out)
+    return res["members"][0]["timing"]["stack_images_per_s"], single
 
 
 def main() -> None:
@@ -119,8 +150,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--only", choices=["k1", "k50", "eval", *OVERLAYS], nargs="*",
-                   default=["k1", "k50", "eval", *OVERLAYS])
+    p.add_argument("--only", choices=["k1", "k50", "eval", *OVERLAYS, *STACKED], nargs="*",
+                   default=["k1", "k50", "eval", *OVERLAYS, *STACKED])
     p.add_argument("--overlay-batches", type=int, default=600, help="training steps per epoch of an overlay run")
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args()
@@ -149,6 +180,12 @@ def main() -> None:
                 refv.append(r["train_img_s"])
                 lib.append(run_overlay(data_dir, exp, 3, steps))
                 name = f"experiment={exp} (batch {batch})"
+            elif key in STACKED:  # "reference" here = separate runs of the library, one at a time
+                batch, n = STACKED[key]
+                agg, single = run_stacked_pair(data_dir, batch, n, 3, 300 if not q else 100)
+                lib.append(agg)
+                refv.append(single)
+                name = f"{n} seeds stacked vs separate (batch {batch})"
             elif key == "eval":
                 r = run_reference(ref, npz, ["--steps", "0", "--eval-k", "5000", "--eval-n", str(n_eval),
                                              "--threads", str(a.threads)])
@@ -162,7 +199,7 @@ def main() -> None:
                 lib.append(run_library_train(data_dir, k, epochs, batches))
             print(f"  {name}: library {lib[-1]:.1f}  reference {refv[-1]:.1f}", flush=True)
         lm, rm = statistics.median(lib), statistics.median(refv)
-        target = 0.9 if key in ("eval", *OVERLAYS) else 0.85
+        target = {"stack20": 1.8, "stack100": 1.3}.get(key, 0.9 if key in ("eval", *OVERLAYS) else 0.85)
         rows.append({"case": name, "library": round(lm, 1), "reference": round(rm, 1), "ratio": round(lm / rm, 3),
                      "target": target, "ok": lm / rm >= target, "library_runs": lib, "reference_runs": refv})
 

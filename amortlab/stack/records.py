@@ -32,11 +32,12 @@ def slice_optimizer_state(state: dict, i: int, shapes: list[torch.Size]) -> dict
 class MemberRecords(L.Callback):
     """Per-member checkpoints (``best``: lowest ``val_epoch/nll``; ``last``: every ``every_n_epochs``), per-epoch
     history and the epoch line. ``checkpoints[i]``: member i's ``ModelCheckpoint`` callbacks by name (built from its
-    own config; only their settings and recorded state are used). ``configs[i]``: the member's resolved config."""
+    own config; only their settings and recorded state are used). ``configs[i]``: the member's resolved config.
+    ``log_every``: the epoch line's cadence (the run's ``callbacks.epoch_log.every_n_epochs``; None: no line)."""
 
     def __init__(self, checkpoints: list[dict[str, ModelCheckpoint]], configs: list[dict[str, Any]],
-                 names: list[str]):
-        self.checkpoints, self.configs, self.names = checkpoints, configs, names
+                 names: list[str], log_every: int | None = 1):
+        self.checkpoints, self.configs, self.names, self.log_every = checkpoints, configs, names, log_every
         self.history: list[list[tuple[int, dict[str, float]]]] = [[] for _ in configs]
         self._t0 = 0.0
         self._step0 = 0
@@ -100,6 +101,8 @@ class MemberRecords(L.Callback):
         tmp.replace(path)
 
     def _log_epoch(self, trainer, pl_module, epoch: int) -> None:
+        if self.log_every is None or (epoch % self.log_every and epoch != trainer.max_epochs):
+            return
         seconds = time.perf_counter() - self._t0
         batch = getattr(trainer.datamodule, "batch_size", 0)
         rate = (trainer.global_step - self._step0) * batch / max(seconds, 1e-9)

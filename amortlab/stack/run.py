@@ -159,7 +159,9 @@ def _run_stacked(cfg: DictConfig, seeds: list[int], dirs: list[Path], records: l
     ckpt_cbs = [{k: v for k, v in cbs.items() if isinstance(v, ModelCheckpoint)} for cbs in member_cbs]
     for r, cbs in zip(records, ckpt_cbs):
         r.callbacks = cbs
-    records_cb = MemberRecords(ckpt_cbs, [m.run_config for m in members], [d.name for d in dirs])
+    epoch_log = next((cb for cb in member_cbs[0].values() if isinstance(cb, EpochLog)), None)
+    records_cb = MemberRecords(ckpt_cbs, [m.run_config for m in members], [d.name for d in dirs],
+                               epoch_log.every if epoch_log else None)
     throughput = Throughput()
     # per-run callbacks are replaced (checkpoints, throughput, epoch line: MemberRecords) or not drawn (image
     # panels); every other one (annealing, a user's +callbacks.NAME) sees the stacked module
