@@ -10,7 +10,8 @@ Prints:
    own evaluation (``ELBOModule.evaluate_batch``, chunked, float64 accumulation): seconds, images/s, and achieved
    TFLOP/s (decoder matmuls only: 2 * (50*200 + 200*200 + 200*784) flops per sample) beside the peak;
 3. training images/s at k = 1 and k = 50 (Lightning fit loop, data on the device, ``--train-steps`` steps);
-4. stacked N = 16 / 64 models: not available yet (issue 17, part 2) — printed as such;
+4. stacked N = 16 / 64 models (``stack.seeds``, through ``amortlab.run.run``, validation off) at k = 1 and k = 50:
+   aggregate training images/s of the N members;
 5. with >= 2 devices: a 2-process DDP run and a 1-process run of train.py give the same test NLL.
 """
 from __future__ import annotations
@@ -32,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from amortlab.callbacks import Throughput  # noqa: E402
 from amortlab.data.loader import Batch  # noqa: E402
-from amortlab.build import build_from_overrides, quiet_lightning  # noqa: E402
+from amortlab.build import build_from_overrides, compose_config, quiet_lightning  # noqa: E402
+from amortlab.run import run  # noqa: E402
 
 DECODER_FLOPS_PER_SAMPLE = 2 * (50 * 200 + 200 * 200 + 200 * 784)
 
@@ -85,6 +87,22 @@ def train_images_per_s(data_dir: str, device: torch.device, k: int, steps: int) 
     return tp.images_per_s or float("nan")
 
 
+def stacked_images_per_s(data_dir: str, device: torch.device, k: int, n: int, steps: int) -> float:
+    """Aggregate training images/s of ``n`` seeds trained as one stacked computation (``stack.seeds``)."""
+    import contextlib
+    import io
+
+    trainer = ["trainer=gpu"] if device.type == "cuda" else []
+    with tempfile.TemporaryDirectory(prefix="gpu-check-stack-") as out, contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        cfg = compose_config(["dataset=binarized_mnist", f"data_dir={data_dir}", "logger=none", "test=false",
+                              f"importance_samples.train={k}", *trainer, "trainer.max_epochs=2",
+                              f"trainer.limit_train_batches={max(1, steps // 2)}", "trainer.limit_val_batches=0",
+                              f"stack.seeds=[{','.join(map(str, range(n)))}]"], out)
+        res = run(cfg, out)
+    return res["members"][0]["timing"]["stack_images_per_s"]
+
+
 def ddp_equality(data_dir: str) -> str:
     base = ["logger=none", "dataset=binarized_mnist", f"data_dir={data_dir}", "trainer.max_epochs=1",
             "trainer.limit_train_batches=50", "trainer.limit_test_batches=5", "importance_samples.test=500",
@@ -109,6 +127,7 @@ def main() -> None:
     p.add_argument("--eval-batch", type=int, default=500)
     p.add_argument("--rows", type=int, default=2_000_000, help="decoder rows per evaluation chunk (GPU: large)")
     p.add_argument("--train-steps", type=int, default=2000)
+    p.add_argument("--stack-steps", type=int, default=200, help="training steps of each stacked measurement")
     p.add_argument("--matmul-n", type=int, default=8192)
     a = p.parse_args()
     warnings.filterwarnings("ignore")
@@ -129,7 +148,10 @@ def main() -> None:
           f"peak", flush=True)
     for k in (1, 50):
         print(f"training k={k}: {train_images_per_s(a.data_dir, device, k, a.train_steps):,.0f} img/s", flush=True)
-    print("training stacked N=16 / N=64: not available yet (issue 17, part 2: many models per process)", flush=True)
+    for k in (1, 50):
+        for n in (16, 64):
+            rate = stacked_images_per_s(a.data_dir, device, k, n, a.stack_steps)
+            print(f"training stacked N={n} k={k}: {rate:,.0f} img/s in all ({rate / n:,.0f} per model)", flush=True)
     if device.type == "cuda" and torch.cuda.device_count() >= 2:
         print("DDP equality:", ddp_equality(a.data_dir), flush=True)
     else:
