@@ -677,3 +677,31 @@ def test_eval_dataloader_first_rows_and_fixed_binarization_of_dynamic_training_i
     assert torch.equal(torch.cat([b.x for b in static.eval_dataloader("train", 9)]), static.splits["train"][:9])
     with pytest.raises(AmortlabError, match="unknown"):
         static.eval_dataloader("validation")
+
+
+def _epoch_rows(loader: TensorLoader, epoch: int) -> list[torch.Tensor]:
+    loader.set_epoch(epoch)
+    return [b.x for b in loader]
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_loader_on_a_gpu_keeps_the_split_there_and_draws_there(dynamic):
+    """device=cuda: the split is copied once, every batch is made on the GPU (no per-step host-to-device copy), each
+    epoch is a permutation of all rows reproducible from (seed, epoch), and a new epoch reorders. The CPU order is
+    unchanged by the device argument (device=None and device='cpu' give the same batches)."""
+    data = torch.rand(64, 5)
+    cpu = [TensorLoader(data, 8, shuffle=True, drop_last=True, seed=3, dynamic_binarization=dynamic, device=d)
+           for d in (None, "cpu")]
+    for a, b in zip(_epoch_rows(cpu[0], 2), _epoch_rows(cpu[1], 2)):
+        assert torch.equal(a, b)
+    if not torch.cuda.is_available():
+        pytest.skip("the GPU half needs CUDA")
+    gpu = TensorLoader(data, 8, shuffle=True, drop_last=True, seed=3, dynamic_binarization=dynamic, device="cuda")
+    assert gpu.data.is_cuda
+    e1, e1_again, e2 = _epoch_rows(gpu, 1), _epoch_rows(gpu, 1), _epoch_rows(gpu, 2)
+    assert all(x.is_cuda for x in e1)
+    assert all(torch.equal(a, b) for a, b in zip(e1, e1_again))
+    assert not all(torch.equal(a, b) for a, b in zip(e1, e2))
+    if not dynamic:  # every row exactly once per epoch
+        rows = torch.cat(e1).cpu()
+        assert torch.equal(rows[rows[:, 0].argsort()], data[data[:, 0].argsort()])

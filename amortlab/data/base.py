@@ -144,11 +144,17 @@ class TensorDataModule(L.LightningDataModule):
         return TensorLoader(self.splits["train"], self.batch_size, shuffle=True, drop_last=True,
                             seed=self.seed if seed is None else seed,
                             dynamic_binarization=self.binarization == "dynamic",
-                            epoch_source=epoch_source or self._trainer_epoch)
+                            epoch_source=epoch_source or self._trainer_epoch, device=self._device())
 
     def _trainer_epoch(self) -> int | None:
         trainer = getattr(self, "trainer", None)
         return trainer.current_epoch if trainer is not None else None
+
+    def _device(self) -> torch.device | None:
+        """The trainer's device when it is a GPU (the splits then live there); None on CPU (no copy)."""
+        trainer = getattr(self, "trainer", None)
+        device = trainer.strategy.root_device if trainer is not None else None
+        return device if device is not None and device.type == "cuda" else None
 
     def eval_dataloader(self, split: str, n: int | None = None) -> TensorLoader:
         """The first ``n`` rows (all if None) of ``split`` in evaluation batches. Training images under dynamic
@@ -159,7 +165,7 @@ class TensorDataModule(L.LightningDataModule):
         x = self.splits[split][:n]
         if split == "train" and self.binarization == "dynamic":
             x = self._binarize("train_eval", x, 3).contiguous()
-        return TensorLoader(x, self.eval_batch_size)
+        return TensorLoader(x, self.eval_batch_size, device=self._device())
 
     def val_dataloader(self) -> TensorLoader:
         return self.eval_dataloader("val")

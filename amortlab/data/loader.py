@@ -39,13 +39,17 @@ class TensorLoader:
     resumes and Lightning pre-fetches the first batch) or else from ``set_epoch``.
     ``dynamic_binarization``: each batch is resampled as x ~ Bernoulli(data) with a generator seeded from
     (seed, epoch) — reproducible, and different every epoch.
+    ``device``: where the rows live (the datamodule passes the trainer's CUDA device: the split is copied there once
+    and every batch, permutation and binarization draw is made there — no host-to-device copy per step; the draws
+    then come from a generator on that device, so a GPU run's data order differs from a CPU run's).
     """
 
     def __init__(self, data: Tensor, batch_size: int, shuffle: bool = False, drop_last: bool = False,
-                 seed: int = 0, dynamic_binarization: bool = False, epoch_source=None):
+                 seed: int = 0, dynamic_binarization: bool = False, epoch_source=None,
+                 device: torch.device | str | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.data = data.contiguous()
+        self.data = (data if device is None else data.to(device)).contiguous()
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.drop_last = drop_last
@@ -73,9 +77,10 @@ class TensorLoader:
         B, n = self.batch_size, self._num_global_batches()
         epoch = self.epoch_source() if self.epoch_source is not None else None
         epoch = self.epoch if epoch is None else epoch
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        device = self.data.device
+        gen = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + epoch)
         if self.shuffle:
-            perm = torch.randperm(len(self.data), generator=gen)
+            perm = torch.randperm(len(self.data), generator=gen, device=device)
             batches = range(rank, (n // world) * world, world)
         else:
             perm = None
