@@ -49,6 +49,12 @@ def holdout_validation(dataset: str, train: Tensor, val_size: int, seed: int) ->
     return split_off(train, val_size, seed)
 
 
+def gpu_device(trainer) -> torch.device | None:
+    """``trainer``'s device when it is a GPU (the data splits then live there); None on CPU or without a trainer."""
+    device = trainer.strategy.root_device if trainer is not None else None
+    return device if device is not None and device.type == "cuda" else None
+
+
 class TensorDataModule(L.LightningDataModule):
     """Base datamodule. ``image_shape`` (C, H, W) is a class attribute; ``x_dim`` = C*H*W."""
 
@@ -137,26 +143,24 @@ class TensorDataModule(L.LightningDataModule):
             "data_dir": str(self.data_dir),
         }
 
-    def train_dataloader(self, seed: int | None = None, epoch_source=None) -> TensorLoader:
+    def train_dataloader(self, seed: int | None = None, epoch_source=None,
+                         device: torch.device | None = None) -> TensorLoader:
         """Shuffled training batches; the order (and dynamic binarization) from ``seed`` (default ``dataset.seed``)
-        and the epoch (the trainer's, or ``epoch_source()``)."""
+        and the epoch (the trainer's, or ``epoch_source()``); on ``device`` (default: the trainer's GPU, if any)."""
         self.setup()
         return TensorLoader(self.splits["train"], self.batch_size, shuffle=True, drop_last=True,
                             seed=self.seed if seed is None else seed,
                             dynamic_binarization=self.binarization == "dynamic",
-                            epoch_source=epoch_source or self._trainer_epoch, device=self._device())
+                            epoch_source=epoch_source or self._trainer_epoch, device=device or self._device())
 
     def _trainer_epoch(self) -> int | None:
         trainer = getattr(self, "trainer", None)
         return trainer.current_epoch if trainer is not None else None
 
     def _device(self) -> torch.device | None:
-        """The trainer's device when it is a GPU (the splits then live there); None on CPU (no copy)."""
-        trainer = getattr(self, "trainer", None)
-        device = trainer.strategy.root_device if trainer is not None else None
-        return device if device is not None and device.type == "cuda" else None
+        return gpu_device(getattr(self, "trainer", None))
 
-    def eval_dataloader(self, split: str, n: int | None = None) -> TensorLoader:
+    def eval_dataloader(self, split: str, n: int | None = None, device: torch.device | None = None) -> TensorLoader:
         """The first ``n`` rows (all if None) of ``split`` in evaluation batches. Training images under dynamic
         binarization are grey values; they are evaluated as one fixed, seeded binarization."""
         self.setup()
@@ -165,7 +169,7 @@ class TensorDataModule(L.LightningDataModule):
         x = self.splits[split][:n]
         if split == "train" and self.binarization == "dynamic":
             x = self._binarize("train_eval", x, 3).contiguous()
-        return TensorLoader(x, self.eval_batch_size, device=self._device())
+        return TensorLoader(x, self.eval_batch_size, device=device or self._device())
 
     def val_dataloader(self) -> TensorLoader:
         return self.eval_dataloader("val")

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import lightning as L
 import torch
 
-from amortlab.data.base import TensorDataModule
+from amortlab.data.base import TensorDataModule, gpu_device
 from amortlab.data.loader import Batch, TensorLoader
 
 
@@ -38,7 +38,9 @@ class StackedData(L.LightningDataModule):
         return self.trainer.current_epoch if self.trainer is not None else None
 
     def train_dataloader(self) -> StackedLoader:
-        return StackedLoader([self.dm.train_dataloader(seed=s, epoch_source=self._epoch) for s in self.seeds])
+        device = gpu_device(self.trainer)
+        return StackedLoader([self.dm.train_dataloader(seed=s, epoch_source=self._epoch, device=device)
+                              for s in self.seeds])
 
     def val_dataloader(self) -> TensorLoader:
-        return self.dm.val_dataloader()
+        return self.dm.eval_dataloader("val", device=gpu_device(self.trainer))
