@@ -6,6 +6,7 @@ score that chose best.ckpt, the final test numbers, the results.json format, and
 """
 import json
 
+import lightning as L
 import pytest
 import torch
 
@@ -116,3 +117,36 @@ def test_what_cannot_stack_is_refused_with_the_fix(extra, named, tmp_path):
 def test_duplicate_seeds_are_refused(tmp_path):
     with pytest.raises(AmortlabError, match="distinct seeds"):
         _stacked(tmp_path, seeds=(1, 1))
+
+
+class PoisonMember(L.Callback):
+    """Test-only callback: at global step ``step`` member ``member``'s first weight becomes NaN (so its loss does)."""
+
+    def __init__(self, member: int, step: int):
+        self.member, self.step = member, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(pl_module.parameters())[self.member].fill_(float("nan"))
+
+
+def test_a_diverging_member_stops_and_the_others_finish_like_their_single_runs(tmp_path):
+    """Member 1 (seed 5) turns NaN at step 5 (epoch 2): it is recorded failed / non_finite_loss naming the step, its
+    epoch-1 checkpoints stay finite; member 0 (seed 3) trains on and ends with its single run's numbers."""
+    extra = ["importance_samples.test=20"]
+    single = _single(tmp_path, 3, *extra)
+    poison = ["+callbacks.poison._target_=tests.test_stack.PoisonMember", "+callbacks.poison.member=1",
+              "+callbacks.poison.step=5"]
+    stack_dir, out = _stacked(tmp_path, *extra, *poison)
+    assert out["status"] == "failed"
+    ok, bad = (json.loads((stack_dir / f"seed{s}" / "results.json").read_text()) for s in SEEDS)
+    assert bad["status"] == "failed" and bad["reason"] == "non_finite_loss" and "global step 5" in bad["error"]
+    last = read_checkpoint(stack_dir / "seed5" / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 4 and all(torch.isfinite(v).all() for v in last["state_dict"].values())
+    assert ok["status"] == "ok"
+    _compare_checkpoints(single, stack_dir / "seed3", "last")
+    a = json.loads((single / "results.json").read_text())["metrics"]
+    for k, v in a.items():
+        if not k.endswith("infer_seconds"):
+            assert v == pytest.approx(ok["metrics"][k], rel=1e-5, abs=1e-5), k
