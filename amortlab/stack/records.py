@@ -79,6 +79,7 @@ class MemberRecords(L.Callback):
 
     def _save(self, trainer, pl_module, i: int, cb: ModelCheckpoint, score) -> None:
         if self._full is None:
+            # writes (does not load) the trainer's state; weights_only=False = with optimiser and loop state
             self._full = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         full = self._full
         path = Path(cb.dirpath) / f"{cb.filename}{cb.FILE_EXTENSION}"

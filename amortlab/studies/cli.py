@@ -176,10 +176,9 @@ def _main(argv: list[str]) -> int:
             stack.enter_context(lock(out_dir))
             settings_dir = out_dir / "settings"
         write_setting_files(settings, settings_dir, name)
-        stackable: set[str] = set()
-        extras = compose_settings(settings, settings_dir, run_overrides, seeds[0], name, stackable)
-        if not opts.get("stack", study["stack"]):
-            stackable = set()
+        stackable: set[str] = set()  # filled by compose_settings only when the study stacks
+        extras = compose_settings(settings, settings_dir, run_overrides, seeds[0], name,
+                                  stackable if opts.get("stack", study["stack"]) else None)
         write_setting_files(settings, settings_dir, name, extras)
 
         states = {(s.id, seed): run_state(run_dir(out_dir, s.id, seed)) for s in settings for seed in seeds}
