@@ -50,15 +50,25 @@ class Evaluation:
 
 @dataclass
 class Stack:
-    """Several seeds of one config trained as one stacked computation (``amortlab.stack``).
+    """Several runs of one config trained as one stacked computation (``amortlab.stack``): seeds, and optionally
+    the values of one continuous setting (members = values x seeds).
 
     seeds: e.g. ``[0, 1, 2, 3]``; null (default) = one ordinary run of ``seed``. Each member writes a single run's
-        files in ``<run dir>/<dir>`` and equals that run to float tolerance.
-    dir: the member's directory under the run dir, ``{seed}`` filled in.
+        files in its directory and equals that run to float tolerance.
+    dir: the member's directory, ``{seed}`` filled in: under the run dir, or with values under ``<root>/<label>``.
+    key, values: e.g. ``encoder_regularizer.sigma`` and ``[0.1, 0.2, 0.4]`` (``amortlab.stack.values`` lists the
+        keys that can vary: encoder-regularizer strengths, the learning rate).
+    labels: one per value, the name of its members' parent directory and run-name prefix (``<label>-s<seed>``);
+        default ``<last part of key><value>`` (e.g. ``sigma0.1``).
+    root: where the label directories go (default: the run dir).
     """
 
     seeds: Optional[list[int]] = None
     dir: str = "seed{seed}"
+    key: Optional[str] = None
+    values: Optional[list[float]] = None
+    labels: Optional[list[str]] = None
+    root: Optional[str] = None
 
 
 @dataclass

@@ -13,7 +13,8 @@ Trainer start-up excluded; > 3 epochs or 300 steps per measurement); evaluation 
 ``trainer.test`` with the library's default evaluation settings (IWAE-5000, 100 images x 10-sample chunks).
 Targets (issue 3): training >= 0.85x at k = 1 and k = 50, IWAE-5000 evaluation >= 0.9x.
 
-Stacked seeds (``stack20``, ``stack100``; issue 17): 8 seeds trained as one stacked computation (``stack.seeds``),
+Stacked seeds (``stack20``, ``stack100``; issue 17): 8 seeds trained as one stacked computation (``stack.seeds``);
+``stack_sigma``: air_reduced's 6 denoising sigmas x 2 seeds (``stack.key``/``stack.values``) as one computation;
 aggregate training images/s against one single run of the same config (N separate runs one after another reach
 the single run's rate in aggregate); both through ``run`` with the default callbacks and validation off. Targets
 >= 1.8x at batch 20 and >= 1.3x at batch 100.
@@ -123,15 +124,20 @@ def run_overlay(data_dir: Path, experiment: str, epochs: int, batches: int) -> f
             return run(cfg, out)["timing"]["train_images_per_s"]
 
 
-STACKED = {  # key: (batch, N): N seeds trained as one stacked computation (stack.seeds) vs one run at a time
-    "stack20": (20, 8),
-    "stack100": (100, 8),
+SIGMAS = [0.1, 0.2, 0.4, 0.8, 1.6, 3.2]  # air_reduced's denoising grid
+STACKED = {  # key: (batch, seeds, overrides, what): the models trained as one stacked computation vs one at a time
+    "stack20": (20, 8, [], "8 seeds"),
+    "stack100": (100, 8, [], "8 seeds"),
+    "stack_sigma": (100, 2, ["encoder_regularizer=denoising", "stack.key=encoder_regularizer.sigma",
+                             f"stack.values=[{','.join(map(str, SIGMAS))}]"], f"{len(SIGMAS)} sigma x 2 seeds"),
 }
 
 
-def run_stacked_pair(data_dir: Path, batch: int, n: int, epochs: int, batches: int) -> tuple[float, float]:
-    """(aggregate images/s of N stacked seeds, images/s of one single run = the aggregate of N runs made one after
-    another), both through ``run`` with the default callbacks, validation off."""
+def run_stacked_pair(data_dir: Path, batch: int, n: int, epochs: int, batches: int,
+                     overrides: list[str] = ()) -> tuple[float, float]:
+    """(aggregate images/s of N stacked seeds (x ``stack.values`` in ``overrides``), images/s of one single run = the
+    aggregate of the same runs made one after another), both through ``run`` with the default callbacks, validation
+    off."""
     import tempfile
 
     from amortlab.build import compose_config
@@ -140,10 +146,11 @@ def run_stacked_pair(data_dir: Path, batch: int, n: int, epochs: int, batches: i
     base = ["dataset=binarized_mnist", f"data_dir={data_dir}", "logger=none", "test=false",
             f"dataset.batch_size={batch}", f"trainer.max_epochs={epochs}", f"trainer.limit_train_batches={batches}",
             "trainer.limit_val_batches=0"]
+    own = [o for o in overrides if not o.startswith("stack.")]
     with tempfile.TemporaryDirectory(prefix="bench-stack-") as out, contextlib.redirect_stdout(io.StringIO()):
-        single = run(compose_config(base, out), out)["timing"]["train_images_per_s"]
+        single = run(compose_config([*base, *own], out), out)["timing"]["train_images_per_s"]
     with tempfile.TemporaryDirectory(prefix="bench-stack-") as out, contextlib.redirect_stdout(io.StringIO()):
-        res = run(compose_config([*base, f"stack.seeds=[{','.join(map(str, range(n)))}]"], out), out)
+        res = run(compose_config([*base, *overrides, f"stack.seeds=[{','.join(map(str, range(n)))}]"], out), out)
     return res["members"][0]["timing"]["stack_images_per_s"], single
 
 
@@ -185,11 +192,11 @@ def main() -> None:
                 lib.append(run_overlay(data_dir, exp, 3, steps))
                 name = f"experiment={exp} (batch {batch})"
             elif key in STACKED:  # "reference" here = separate runs of the library, one at a time
-                batch, n = STACKED[key]
-                agg, single = run_stacked_pair(data_dir, batch, n, 3, 300 if not q else 100)
+                batch, n, overrides, what = STACKED[key]
+                agg, single = run_stacked_pair(data_dir, batch, n, 3, 300 if not q else 100, overrides)
                 lib.append(agg)
                 refv.append(single)
-                name = f"{n} seeds stacked vs separate (batch {batch})"
+                name = f"{what} stacked vs separate (batch {batch})"
             elif key == "eval":
                 r = run_reference(ref, npz, ["--steps", "0", "--eval-k", "5000", "--eval-n", str(n_eval),
                                              "--threads", str(a.threads)])
@@ -203,7 +210,8 @@ def main() -> None:
                 lib.append(run_library_train(data_dir, k, epochs, batches))
             print(f"  {name}: library {lib[-1]:.1f}  reference {refv[-1]:.1f}", flush=True)
         lm, rm = statistics.median(lib), statistics.median(refv)
-        target = {"stack20": 1.8, "stack100": 1.3}.get(key, 0.9 if key in ("eval", *OVERLAYS) else 0.85)
+        target = {"stack20": 1.8, "stack100": 1.3, "stack_sigma": 1.3}.get(
+            key, 0.9 if key in ("eval", *OVERLAYS) else 0.85)
         rows.append({"case": name, "library": round(lm, 1), "reference": round(rm, 1), "ratio": round(lm / rm, 3),
                      "target": target, "ok": lm / rm >= target, "library_runs": lib, "reference_runs": refv})
 

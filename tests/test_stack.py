@@ -150,3 +150,55 @@ def test_a_diverging_member_stops_and_the_others_finish_like_their_single_runs(t
     for k, v in a.items():
         if not k.endswith("infer_seconds"):
             assert v == pytest.approx(ok["metrics"][k], rel=1e-5, abs=1e-5), k
+
+
+@pytest.mark.parametrize("key, values, extra", [
+    ("encoder_regularizer.sigma", ["0.1", "0.4"], ["encoder_regularizer=denoising"]),
+    ("encoder_regularizer.H", ["0.5", "2"], ["encoder_regularizer=weight_norm", "importance_samples=k5"]),
+    ("optim.optimizer.lr", ["0.001", "0.003"], ["optim=burda"]),
+], ids=["denoising-sigma", "wni-H", "lr-burda-schedule"])
+def test_members_differing_in_a_setting_equal_their_single_runs(key, values, extra, tmp_path):
+    """stack.key / stack.values: members = values x seeds, each equal to the single run made with ``key=value``
+    (weights, Adam state, its own learning rate and schedule state, the best score, the final test numbers)."""
+    extra = [*extra, "importance_samples.test=20"]
+    d = tmp_path / "stack"
+    out = run(compose_config([*BASE, *extra, f"stack.seeds=[{','.join(map(str, SEEDS))}]", f"stack.key={key}",
+                              f"stack.values=[{','.join(values)}]"], d), d)
+    assert out["status"] == "ok" and len(out["members"]) == len(values) * len(SEEDS)
+    leaf = key.rsplit(".", 1)[-1]
+    for v in values:
+        for s in SEEDS:
+            single = tmp_path / f"single-{v}-{s}"
+            run(compose_config([*BASE, *extra, f"{key}={v}", f"seed={s}"], single), single)
+            member = d / f"{leaf}{float(v):g}" / f"seed{s}"
+            for which in ("best", "last"):
+                _compare_checkpoints(single, member, which)
+            a, b = (read_checkpoint(x / "checkpoints" / "last.ckpt") for x in (single, member))
+            ga, gb = a["optimizer_states"][0]["param_groups"][0], b["optimizer_states"][0]["param_groups"][0]
+            assert ga["lr"] == pytest.approx(gb["lr"], rel=1e-12)
+            assert a["lr_schedulers"] == b["lr_schedulers"] or _same_rates(a["lr_schedulers"], b["lr_schedulers"])
+            ra, rb = (json.loads((x / "results.json").read_text()) for x in (single, member))
+            assert rb["stack"]["key"] == key and rb["config"]["seed"] == s
+            assert ra["axes"] == rb["axes"] and ra["tags"] == rb["tags"]  # the member's own strength in its record
+            for k, val in ra["metrics"].items():
+                if not k.endswith("infer_seconds"):
+                    assert val == pytest.approx(rb["metrics"][k], rel=1e-5, abs=1e-5), k
+
+
+def _same_rates(a, b) -> bool:
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(pytest.approx(x[k], rel=1e-12) == y[k] for k in ("base_lrs", "_last_lr"))
+        for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["encoder_regularizer=denoising", "stack.key=encoder_regularizer.alpha", "stack.values=[0.5,1.0]"],
+     "can differ in"),
+    (["encoder_regularizer=denoising", "stack.key=encoder_regularizer.sigma", "stack.values=[0.0,0.4]"],
+     "mixes 0"),
+    (["stack.key=optim.optimizer.lr", "stack.values=[0.001,0.001]"], "repeats a value"),
+    (["stack.key=optim.optimizer.lr"], "go together"),
+], ids=["not-a-stackable-setting", "zero-and-nonzero-sigma", "repeated-value", "key-without-values"])
+def test_settings_that_cannot_stack_are_refused_with_the_fix(extra, named, tmp_path):
+    with pytest.raises(AmortlabError, match=named):
+        _stacked(tmp_path, *extra, "test=false")

@@ -365,7 +365,8 @@ settings:
 
 def test_a_stacking_study_stacks_the_seeds_of_stackable_settings_only(tmp_path):
     """stack: true -> the amortized setting's seeds run as one stacked job (members in runs/<id>/seed<s>, the same
-    files as single runs), the SA-VAE setting one run per seed; the table counts both; a rerun skips them all."""
+    files as single runs), a sigma grid's settings x seeds as one job stacking the values too, the SA-VAE setting
+    one run per seed; the table counts them all; a rerun skips them all (and sees no stale overrides)."""
     study = write_study(tmp_path / "tiny.yaml", f"""
 name: tiny_stack
 base: {TINY_BASE}
@@ -373,21 +374,28 @@ seeds: [3, 1000]
 stack: true
 settings:
   - {{encoder_regularizer: none}}
+  - {{encoder_regularizer: denoising, encoder_regularizer.sigma: [0.1, 0.4]}}
   - {{inference: sa_vae, inference.refinement.steps: 2}}
 metrics: [test/nll]
 """)
     out = tmp_path / "out"
     proc = run_sweep(f"study_file={study}", f"out_dir={out}", check_rc=0)
     assert "+setting=none stack.seeds=[3,1000] " in proc.stdout
+    assert ("+setting=denoising_sigma0.1 stack.seeds=[3,1000] stack.key=encoder_regularizer.sigma "
+            "stack.values=[0.1,0.4] stack.labels=[denoising_sigma0.1,denoising_sigma0.4]") in proc.stdout
     assert "stack.seeds" not in proc.stdout.split("+setting=sa_vae_steps2")[1].split("\n")[0]
-    for sid in ("none", "sa_vae_steps2"):
+    ids = ("none", "denoising_sigma0.1", "denoising_sigma0.4", "sa_vae_steps2")
+    for sid in ids:
         for seed in (3, 1000):
             d = out / "runs" / sid / f"seed{seed}"
             r = json.loads((d / "results.json").read_text())
             assert r["status"] == "ok" and r["config"]["seed"] == seed and r["config"]["name"] == f"{sid}-s{seed}"
-            assert ("stack" in r) == (sid == "none")
+            assert ("stack" in r) == (sid != "sa_vae_steps2")
+            if sid.startswith("denoising"):
+                assert r["axes"]["strength"] == r["config"]["encoder_regularizer"]["sigma"] == float(sid[-3:])
+                assert r["stack"]["key"] == "encoder_regularizer.sigma" and len(r["stack"]["values"]) == 4
             assert (d / "checkpoints" / "last.ckpt").is_file() and (d / ".hydra" / "overrides.yaml").is_file()
     table = read_csv(out / "table.csv")
-    assert table["none"]["n_seeds"] == table["sa_vae_steps2"]["n_seeds"] == "2"
+    assert all(table[sid]["n_seeds"] == "2" for sid in ids)
     proc = run_sweep(f"study_file={study}", f"out_dir={out}", check_rc=0)
-    assert "4 finished (skipped)" in proc.stdout and "launching 0" in proc.stdout and "warning" not in proc.stdout
+    assert "8 finished (skipped)" in proc.stdout and "launching 0" in proc.stdout and "warning" not in proc.stdout

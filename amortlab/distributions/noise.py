@@ -57,3 +57,13 @@ def randn(shape: Sequence[int], like: Tensor, generator: torch.Generator | None 
             generator.set_state(state)
             parts.append(torch.randn(block, generator=generator, **kw))
     return torch.cat(parts, dim=-2)
+
+
+def scale(value: float | Tensor, t: Tensor) -> Tensor:
+    """``value * t``; under stacking ``value`` may be a tensor ``[N]`` (one setting per stacked model, e.g. each
+    model's denoising sigma), then block i of the rows of ``t`` ``[..., N*B, D]`` is scaled by ``value[i]``."""
+    if not torch.is_tensor(value):
+        return value * t
+    n, shape = value.numel(), t.shape
+    blocks = t.reshape(*shape[:-2], n, shape[-2] // n, shape[-1])
+    return (blocks * value.to(t).view(n, 1, 1)).reshape(shape)

@@ -17,11 +17,13 @@ import torch
 from torch import Tensor
 
 from amortlab.errors import AmortlabError
-from amortlab.regularizers.base import EncoderRegularizer
+from amortlab.distributions import noise
+from amortlab.regularizers.base import EncoderRegularizer, per_model_strength
 
 
 class Adversarial(EncoderRegularizer):
     name = "adversarial"
+    stackable_settings = ("epsilon",)
 
     def __init__(self, epsilon: float = 0.05, norm: str = "linf", alpha: float = 1.0):
         if epsilon < 0 or not 0.0 <= alpha <= 1.0 or norm not in ("linf", "l2"):
@@ -40,12 +42,18 @@ class Adversarial(EncoderRegularizer):
             step = grad.sign()
         else:
             step = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (grad.dim() - 1))
-        return (x - self.epsilon * step).detach()
+        return (x - noise.scale(self.epsilon, step)).detach()
 
     def training_loss(self, module, x: Tensor, k: int) -> Tensor:
-        if self.epsilon == 0.0:
+        if isinstance(self.epsilon, float) and self.epsilon == 0.0:
             return super().training_loss(module, x, k)
         return self.mixed_input_loss(module, x, k, self.alpha, lambda x: self.perturb(module, x, k))
+
+    def stack_setting(self, module, name: str, values: Tensor) -> None:
+        """Stacked models with epsilon_i each: model i's rows step by epsilon_i (``noise.scale``)."""
+        if name != "epsilon":
+            super().stack_setting(module, name, values)
+        self.epsilon = per_model_strength(values, "encoder_regularizer.epsilon")
 
     def tags(self) -> list[str]:
         return [*super().tags(), f"epsilon:{self.epsilon:g}", f"norm:{self.norm}"]

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
+from amortlab.errors import AmortlabError
+
 if TYPE_CHECKING:
     from amortlab.methods.base import ELBOModule
 
@@ -20,6 +22,7 @@ class EncoderRegularizer:
     """No regularization (``encoder_regularizer=none``)."""
 
     name = "none"
+    stackable_settings: tuple[str, ...] = ()  # settings stacked models may differ in (stack.key=encoder_regularizer.X)
 
     @property
     def strength(self) -> float | None:
@@ -37,6 +40,12 @@ class EncoderRegularizer:
     def tags(self) -> list[str]:
         return [f"reg:{self.name}"]
 
+    def stack_setting(self, module: nn.Module, name: str, values: Tensor) -> None:
+        """Make the stacked ``module`` (N models, ``amortlab.stack``; this is its own copy of the regularizer) use
+        ``values[i]`` ``[N]`` of the setting ``name`` for model i. Only names in ``stackable_settings``."""
+        raise AmortlabError(f"encoder_regularizer={self.name} has no setting '{name}' that stacked models can differ "
+                            f"in (it has: {', '.join(self.stackable_settings) or 'none'}).")
+
     def mixed_input_loss(self, module: ELBOModule, x: Tensor, k: int, alpha: float, x_enc) -> Tensor:
         """alpha * -L_k(x; q = f(x_enc(x))) + (1 - alpha) * -L_k(x; q = f(x)), batch-averaged.
 
@@ -49,3 +58,17 @@ class EncoderRegularizer:
         if alpha == 1.0:
             return perturbed
         return alpha * perturbed + (1.0 - alpha) * EncoderRegularizer.training_loss(self, module, x, k)
+
+
+def per_model_strength(values: Tensor, what: str) -> float | Tensor:
+    """A regularizer strength ``[N]`` for N stacked models: 0.0 when all are 0 (the plain loss, as each single run
+    takes it), the tensor when none is. A mix is refused: a zero strength's single run skips the perturbed term
+    (drawing no noise for it), which a stacked step that forms it for the others cannot reproduce exactly."""
+    zero = values == 0
+    if bool(zero.all()):
+        return 0.0
+    if bool(zero.any()):
+        raise AmortlabError(f"stack.values for {what} mixes 0 (the plain loss: the perturbed term is not formed) with "
+                            f"non-zero values; a stacked step cannot reproduce both exactly. Train the 0 value as its "
+                            f"own run (or stack it with other seeds alone) and stack the non-zero values.")
+    return values

@@ -11,13 +11,13 @@ from __future__ import annotations
 from torch import Tensor
 
 from amortlab.distributions import noise
-
 from amortlab.errors import AmortlabError
-from amortlab.regularizers.base import EncoderRegularizer
+from amortlab.regularizers.base import EncoderRegularizer, per_model_strength
 
 
 class Denoising(EncoderRegularizer):
     name = "denoising"
+    stackable_settings = ("sigma",)
 
     def __init__(self, sigma: float = 0.1, alpha: float = 1.0):
         if sigma < 0 or not 0.0 <= alpha <= 1.0:
@@ -30,9 +30,16 @@ class Denoising(EncoderRegularizer):
         return self.sigma
 
     def training_loss(self, module, x: Tensor, k: int) -> Tensor:
-        if self.sigma == 0.0:
+        if isinstance(self.sigma, float) and self.sigma == 0.0:
             return super().training_loss(module, x, k)
-        return self.mixed_input_loss(module, x, k, self.alpha, lambda x: x + self.sigma * noise.randn(x.shape, x))
+        return self.mixed_input_loss(module, x, k, self.alpha,
+                                     lambda x: x + noise.scale(self.sigma, noise.randn(x.shape, x)))
+
+    def stack_setting(self, module, name: str, values: Tensor) -> None:
+        """Stacked models with sigma_i each: model i's noise rows are scaled by sigma_i (``noise.scale``)."""
+        if name != "sigma":
+            super().stack_setting(module, name, values)
+        self.sigma = per_model_strength(values, "encoder_regularizer.sigma")
 
     def tags(self) -> list[str]:
         return [*super().tags(), f"sigma:{self.sigma:g}", f"alpha:{self.alpha:g}"]

@@ -62,7 +62,7 @@ class SpectralCap(nn.Module):
         # several times in one graph (iterative inference)
         u, v = self.u.clone(), self.v.clone()  # a differentiable estimate u^T W v; u, v are constants
         sigma = (u.unsqueeze(-1) * (W @ v.unsqueeze(-1))).sum((-2, -1))
-        return W / torch.clamp(sigma / self.coeff, min=1.0)[..., None, None]
+        return W / torch.clamp(sigma / self.coeff, min=1.0)[..., None, None]  # coeff: a float, or [N] stacked
 
 
 def _encoder_linears(encoder: nn.Module) -> list[nn.Linear]:
@@ -75,6 +75,7 @@ def _encoder_linears(encoder: nn.Module) -> list[nn.Linear]:
 
 class WeightNorm(EncoderRegularizer):
     name = "weight_norm"
+    stackable_settings = ("H",)
 
     def __init__(self, H: float = 5.0):
         if H <= 0:
@@ -93,9 +94,16 @@ class WeightNorm(EncoderRegularizer):
     def tags(self) -> list[str]:
         return [*super().tags(), f"H:{self.H:g}"]
 
+    def stack_setting(self, module, name: str, values: Tensor) -> None:
+        """Stacked models with H_i each: every stacked encoder row cap holds H ``[N, 1, 1]``."""
+        if name != "H":
+            super().stack_setting(module, name, values)
+        _per_model_buffer(module, CappedRowNorm, "H", values.view(-1, 1, 1))
+
 
 class SpectralNorm(EncoderRegularizer):
     name = "spectral_norm"
+    stackable_settings = ("coeff",)
 
     def __init__(self, coeff: float = 1.0, n_power_iterations: int = 1):
         if coeff <= 0 or n_power_iterations < 1:
@@ -115,3 +123,18 @@ class SpectralNorm(EncoderRegularizer):
 
     def tags(self) -> list[str]:
         return [*super().tags(), f"coeff:{self.coeff:g}"]
+
+    def stack_setting(self, module, name: str, values: Tensor) -> None:
+        """Stacked models with coeff_i each: every stacked encoder layer's cap holds coeff ``[N]``."""
+        if name != "coeff":
+            super().stack_setting(module, name, values)
+        _per_model_buffer(module, SpectralCap, "coeff", values)
+
+
+def _per_model_buffer(module: nn.Module, kind: type, name: str, value: Tensor) -> None:
+    """Replace the float ``name`` of every ``kind`` parametrization in ``module`` by a non-persistent buffer (it
+    follows the module to its device; checkpoints keep a single run's keys)."""
+    for p in module.modules():
+        if isinstance(p, kind):
+            delattr(p, name)
+            p.register_buffer(name, value.clone(), persistent=False)

@@ -23,18 +23,21 @@ from amortlab.data.loader import Batch
 from amortlab.distributions import noise
 from amortlab.errors import AmortlabError, NonFiniteLossError
 from amortlab.stack.layers import member_state, stack_modules
+from amortlab.stack.values import scale_lr_per_model
 
 
 class StackedTraining:
     """Mixin placed before the method's class; the attributes are set by ``stack_method``.
 
-    n_stack: N. rng_states: each member's (CPU state, CUDA state or None) at the start of training.
+    n_stack: N. lr_scale: ``[N]`` lr_i / lr_0 when the members' learning rates differ, else None.
+    rng_states: each member's (CPU state, CUDA state or None) at the start of training.
     member_val: one ``SplitMetrics`` per member. alive: members still training (``[N]`` bool; a member whose loss
     becomes non-finite stops, the others go on). diverged: {member: message}. val_results: the last per-epoch
     validation means per member. train_history: (step, losses ``[N]``) every ``log_every_n_steps`` steps.
     """
 
     n_stack: int
+    lr_scale: Tensor | None
     rng_states: list[tuple[Tensor, Tensor | None]]
     member_val: nn.ModuleList
     diverged: dict[int, str]
@@ -93,6 +96,12 @@ class StackedTraining:
         if not self.trainer.sanity_checking:
             self.val_results = [{k: float(v) for k, v in r.items()} for r in results]
 
+    def configure_optimizers(self):
+        out = super().configure_optimizers()
+        if self.lr_scale is not None:  # members with their own learning rates (amortlab.stack.values)
+            scale_lr_per_model(out if isinstance(out, torch.optim.Optimizer) else out["optimizer"], self.lr_scale)
+        return out
+
     def sample_images(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         raise AmortlabError("a stacked module draws no image panels; unstack a member (amortlab.stack) first.")
 
@@ -108,7 +117,8 @@ def capture_rng() -> tuple[Tensor, Tensor | None]:
 
 
 def stack_method(members: Sequence, rng_states: Sequence[tuple[Tensor, Tensor | None]]):
-    """The stacked module of ``members`` (one method, one architecture; differing only in seed)."""
+    """The stacked module of ``members`` (one method, one architecture; differing in seed, and in a setting that
+    ``amortlab.stack.values.apply_values`` then sets per model)."""
     first = members[0]
     if not getattr(type(first), "stackable", False):
         raise AmortlabError(
@@ -126,6 +136,7 @@ def stack_method(members: Sequence, rng_states: Sequence[tuple[Tensor, Tensor | 
     stacked.member_val = nn.ModuleList(copy.deepcopy(first.val_metrics) for _ in range(n))
     stacked.register_buffer("alive", torch.ones(n, dtype=torch.bool), persistent=False)
     stacked.diverged, stacked.val_results, stacked.train_history = {}, [], []
+    stacked.lr_scale = None
     return stacked
 
 

@@ -17,6 +17,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from amortlab.stack.values import member_lr_state
+
 log = logging.getLogger("amortlab")
 
 
@@ -93,6 +95,8 @@ class MemberRecords(L.Callback):
         ckpt = {k: v for k, v in full.items() if k not in ("state_dict", "optimizer_states", "callbacks")}
         ckpt["state_dict"] = {k: v[i].clone() for k, v in full["state_dict"].items()}
         ckpt["optimizer_states"] = [slice_optimizer_state(o, i, shapes) for o in full["optimizer_states"]]
+        if pl_module.lr_scale is not None:
+            member_lr_state(ckpt, float(pl_module.lr_scale[i]))
         ckpt["callbacks"] = {c.state_key: c.state_dict() for c in self.checkpoints[i].values()}
         ckpt["amortlab_config"] = self.configs[i]
         ckpt["torch_rng_state"] = pl_module.member_rng_state(i)

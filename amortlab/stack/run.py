@@ -1,4 +1,5 @@
-"""``train.py stack.seeds=[s1,...,sN]``: N runs of one config, differing in seed, trained as one stacked computation.
+"""``train.py stack.seeds=[s1,...,sN]``: N runs of one config, differing in seed, trained as one stacked computation
+(with ``stack.key=K stack.values=[v1,...]`` also in one setting: members = values x seeds, ``amortlab.stack.values``).
 
 Each member gets what its single run would write, in its own directory (``stack.dir``, default ``seed{seed}`` under
 the run dir): ``.hydra/config.yaml`` and ``overrides.yaml`` (as if run alone), ``results.json`` (same format, plus
@@ -31,15 +32,18 @@ from amortlab.stack.data import StackedData
 from amortlab.stack.layers import member_state
 from amortlab.stack.module import capture_rng, stack_method
 from amortlab.stack.records import MemberRecords
+from amortlab.stack.values import apply_values, check_values
 from amortlab.validate import check_config, check_data
 
 log = logging.getLogger("amortlab")
 OUTPUT_DIR = "${hydra:runtime.output_dir}"
 
 
-def member_config(cfg: DictConfig, seed: int, out_dir: Path) -> DictConfig:
-    """The config of the member with ``seed``: the run's config, ``seed`` set, no stack, and every path under the
-    run dir (``${hydra:runtime.output_dir}``) moved to the member's dir."""
+def member_config(cfg: DictConfig, seed: int, out_dir: Path, setting: tuple[str, float] | None = None,
+                  name: str | None = None) -> DictConfig:
+    """The config of the member with ``seed`` (and ``setting`` = (key, value) when values are stacked): the run's
+    config with those set, no stack, every path under the run dir (``${hydra:runtime.output_dir}``) moved to the
+    member's dir, and ``name`` if given."""
     node = OmegaConf.to_container(cfg, resolve=False)
 
     def move(v):
@@ -53,16 +57,39 @@ def member_config(cfg: DictConfig, seed: int, out_dir: Path) -> DictConfig:
 
     node = move(node)
     node["seed"] = int(seed)
-    node["stack"] = {"seeds": None, "dir": cfg.stack.dir}
+    node["stack"] = {**{k: None for k in ("seeds", "key", "values", "labels", "root")}, "dir": cfg.stack.dir}
+    if name is not None:
+        node["name"] = name
     member = OmegaConf.create(node)
+    if setting is not None:
+        OmegaConf.update(member, setting[0], setting[1], merge=False)
     OmegaConf.set_struct(member, True)
     return member
 
 
-def member_overrides(overrides: list[str], seed: int) -> list[str]:
-    """The command's overrides as the member's single run would have them (``seed=``, no ``stack.*``)."""
-    keep = [o for o in overrides if not o.lstrip("+~").startswith(("stack.", "seed=", "stack="))]
-    return [*keep, f"seed={seed}"]
+def member_overrides(overrides: list[str], seed: int, setting: tuple[str, float] | None = None,
+                     name: str | None = None) -> list[str]:
+    """The command's overrides as the member's single run would have them (``seed=``, the stacked setting's
+    ``key=value`` and ``name=`` when given, no ``stack.*``)."""
+    own = {"stack", "seed"} | ({setting[0]} if setting else set()) | ({"name"} if name is not None else set())
+    keep = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in own and not o.lstrip("+~").startswith(
+        "stack.")]
+    return [*keep, *([f"{setting[0]}={setting[1]!r}"] if setting else []), *([f"name={name}"] if name else []),
+            f"seed={seed}"]
+
+
+def member_plan(cfg: DictConfig, out_dir: Path) -> list[tuple[int, Path, tuple[str, float] | None, str | None]]:
+    """(seed, dir, (key, value) or None, name or None) per member: values x seeds, value-major."""
+    seeds = [int(s) for s in cfg.stack.seeds]
+    if cfg.stack.get("key") is None:
+        return [(s, out_dir / str(cfg.stack.dir).format(seed=s), None, None) for s in seeds]
+    key, values = str(cfg.stack.key), [float(v) for v in cfg.stack["values"]]
+    labels = list(cfg.stack.labels) if cfg.stack.get("labels") else [f"{key.rsplit('.', 1)[-1]}{v:g}" for v in values]
+    root = out_dir / cfg.stack.root if cfg.stack.get("root") else out_dir
+    own_name = cfg.get("name") is not None and not cfg.stack.get("labels")
+    return [(s, root / label / str(cfg.stack.dir).format(seed=s), (key, v),
+             f"{cfg.name}-{label}" if own_name else f"{label}-s{s}")
+            for v, label in zip(values, labels) for s in seeds]
 
 
 def check_stackable(cfg: DictConfig) -> None:
@@ -88,20 +115,22 @@ def run_stacked(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     out_dir = Path(out_dir)
     quiet_lightning()
     requested = list(cfg.stack.seeds)
-    if len(requested) < 2 or len(set(requested)) != len(requested):
-        raise AmortlabError(f"stack.seeds={requested} needs two or more distinct seeds (e.g. "
-                            f"stack.seeds=[0,1,2,3]).")
+    n_values = len(cfg.stack["values"] or []) if cfg.stack.get("key") else 1
+    if len(requested) * max(n_values, 1) < 2 or len(set(requested)) != len(requested):
+        raise AmortlabError(f"stack.seeds={requested} needs distinct seeds, two or more of them unless stack.values "
+                            f"gives two or more values (e.g. stack.seeds=[0,1,2,3]).")
+    check_values(cfg)  # before the members' directories are named from the values
     overrides = command_overrides()
-    seeds, dirs = [], []
-    for seed in cfg.stack.seeds:
-        d = out_dir / str(cfg.stack.dir).format(seed=seed)
+    plan = []
+    for member in member_plan(cfg, out_dir):
+        d = member[1]
         if cfg.skip_if_done and (d / "results.json").is_file() and '"status": "ok"' in (d / "results.json").read_text():
             print(f"amortlab: {d} already holds a finished run (skip_if_done=true); not running it again.")
             continue
-        seeds.append(int(seed))
-        dirs.append(d)
-    if not seeds:
+        plan.append(member)
+    if not plan:
         return {"status": "ok", "members": [], "metrics": {}}
+    dirs = [m[1] for m in plan]
     with contextlib.ExitStack() as stack:
         for d in dirs:
             stack.enter_context(RunLock(d))
@@ -109,7 +138,7 @@ def run_stacked(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         try:
             check_config(cfg)
             check_stackable(cfg)
-            return _run_stacked(cfg, seeds, dirs, records, overrides)
+            return _run_stacked(cfg, plan, records, overrides, out_dir)
         except BaseException as e:
             for r in records:
                 if r.results["status"] in ("running",):
@@ -120,19 +149,20 @@ def run_stacked(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
                 r.close_logger()
 
 
-def _run_stacked(cfg: DictConfig, seeds: list[int], dirs: list[Path], records: list[RunRecord],
-                 overrides: list[str]) -> dict[str, Any]:
+def _run_stacked(cfg: DictConfig, plan: list, records: list[RunRecord], overrides: list[str],
+                 out_dir: Path) -> dict[str, Any]:
+    seeds, dirs = [m[0] for m in plan], [m[1] for m in plan]
     with open_dict(cfg):
         if cfg.data_dir is None:
             from amortlab.data.download import default_data_dir
             cfg.data_dir = default_data_dir()
         if cfg.trainer.get("enable_progress_bar") is None:
             cfg.trainer.enable_progress_bar = sys.stderr.isatty()
-    cfgs = [member_config(cfg, s, d) for s, d in zip(seeds, dirs)]
-    for c, d, s in zip(cfgs, dirs, seeds):
+    cfgs = [member_config(cfg, s, d, setting, name) for s, d, setting, name in plan]
+    for c, (s, d, setting, name) in zip(cfgs, plan):
         (d / ".hydra").mkdir(parents=True, exist_ok=True)
         OmegaConf.save(c, d / ".hydra" / "config.yaml")
-        (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(member_overrides(overrides, s)))
+        (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(member_overrides(overrides, s, setting, name)))
 
     members, rng_states, dm = [], [], None
     for c, r in zip(cfgs, records):
@@ -150,9 +180,13 @@ def _run_stacked(cfg: DictConfig, seeds: list[int], dirs: list[Path], records: l
         rng_states.append(capture_rng())
         r.results.update(config=module.run_config, tags=module.tags(), axes=module.axes(),
                          estimator=module.estimator.name,
-                         stack={"seeds": seeds, "index": len(members) - 1, "run_dir": str(dirs[0].parent)})
+                         stack={"seeds": list(dict.fromkeys(seeds)), "index": len(members) - 1, "run_dir": str(out_dir),
+                                **({"key": cfg.stack.key, "values": [m[2][1] for m in plan]}
+                                   if cfg.stack.get("key") else {})})
         del member_dm
     stacked = stack_method(members, rng_states)
+    if cfg.stack.get("key"):
+        apply_values(stacked, str(cfg.stack.key), [m[2][1] for m in plan])
 
     validates = cfg.trainer.get("limit_val_batches") not in (0, 0.0)
     member_cbs = [build_callbacks(c, validates) for c in cfgs]
@@ -169,7 +203,8 @@ def _run_stacked(cfg: DictConfig, seeds: list[int], dirs: list[Path], records: l
               if not isinstance(cb, (ModelCheckpoint, Throughput, EpochLog, ImagePanels))]
     trainer: L.Trainer = instantiate_group(cfgs[0].trainer, "trainer", logger=False, enable_checkpointing=False,
                                       callbacks=[throughput, records_cb, *shared])
-    log.info("amortlab: training %d models as one stacked computation (seeds %s) -> %s", len(seeds), seeds,
+    log.info("amortlab: training %d models as one stacked computation (seeds %s%s) -> %s", len(seeds), seeds,
+             f", {cfg.stack.key} {[m[2][1] for m in plan]}" if cfg.stack.get("key") else "",
              ", ".join(str(d) for d in dirs))
     t0 = time.perf_counter()
     with sigterm_as_interrupt():

@@ -176,7 +176,7 @@ def _main(argv: list[str]) -> int:
             stack.enter_context(lock(out_dir))
             settings_dir = out_dir / "settings"
         write_setting_files(settings, settings_dir, name)
-        stackable: set[str] = set()  # filled by compose_settings only when the study stacks
+        stackable: dict[str, frozenset[str]] = {}  # filled by compose_settings only when the study stacks
         extras = compose_settings(settings, settings_dir, run_overrides, seeds[0], name,
                                   stackable if opts.get("stack", study["stack"]) else None)
         write_setting_files(settings, settings_dir, name, extras)
@@ -197,14 +197,14 @@ def _main(argv: list[str]) -> int:
             print(f"\nsetting files (written to {out_dir / 'settings' / 'setting'} when launched), e.g.:\n")
             print(setting_yaml(settings[0], name, extras.get(settings[0].id)))
             print("commands:" if todo else "nothing to launch; the tables would be collected from the finished runs")
-            for launch in plan_launches(todo, out_dir, resume, stackable):
+            for launch in plan_launches(todo, out_dir, resume, stackable, settings):
                 cmd = launch_command(launch, out_dir, cmd_overrides, hydra_launcher, launcher_overrides, name)
                 print("  " + shlex.join(cmd))
             return 0
 
         write_manifest(out_dir, study, settings, seeds, run_overrides, launcher)
         interrupted = launch_all(todo, out_dir, cmd_overrides, hydra_launcher, launcher_overrides, name, resume,
-                                 stackable)
+                                 stackable, settings)
     rc = _collect_and_report(out_dir, study, settings, expected, reports)
     return 130 if interrupted else rc
 

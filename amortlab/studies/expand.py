@@ -133,21 +133,28 @@ def write_setting_files(settings: list[Setting], settings_dir: Path, study_name:
             path.write_text(text)
 
 
-def _stackable(cfg) -> bool:
-    """Whether the composed config's method trains its seeds as one stacked computation (``amortlab.stack``)."""
+def _stackable(cfg) -> frozenset[str] | None:
+    """None when the composed config's method cannot train its seeds as one stacked computation
+    (``amortlab.stack``); else the config keys whose values its stacked models may also differ in."""
     from hydra.utils import get_class
 
+    from amortlab.stack.values import stackable_keys
+
     try:
-        return bool(getattr(get_class(cfg.inference._target_), "stackable", False))
+        if not getattr(get_class(cfg.inference._target_), "stackable", False):
+            return None
+        return frozenset(stackable_keys(cfg))
     except Exception:  # noqa: BLE001  (an unimportable target fails properly at launch, with its own message)
-        return False
+        return None
 
 
 def compose_settings(settings: list[Setting], settings_dir: Path, run_overrides: list[str], seed: int,
-                     study_name: str, stackable: set[str] | None = None) -> dict[str, dict[str, Any]]:
+                     study_name: str, stackable: dict[str, frozenset[str]] | None = None
+                     ) -> dict[str, dict[str, Any]]:
     """Compose every setting's train.py config once (catches a wrong key or option before anything is launched) and
     return the extra values its setting file gets: W&B tags (the composed ones + ``study:NAME``) and run name.
-    ``stackable`` (if given) receives the ids of the settings whose method can stack its seeds."""
+    ``stackable`` (if given) receives, for each setting whose method can stack its seeds, the config keys its
+    stacked models may also differ in (``amortlab.stack.values``)."""
     job_overrides = [o for o in run_overrides if not override_key(o).startswith("hydra")]
     extras: dict[str, dict[str, Any]] = {}
     GlobalHydra.instance().clear()
@@ -165,8 +172,9 @@ def compose_settings(settings: list[Setting], settings_dir: Path, run_overrides:
                         f"{' '.join(s.override_strings()) or '(none)'}; for every run: {' '.join(job_overrides)}. "
                         f"Fix the study yaml or the override (print a config with `python train.py --cfg job "
                         f"OVERRIDES`).") from None
-                if stackable is not None and _stackable(cfg):
-                    stackable.add(s.id)
+                keys = _stackable(cfg) if stackable is not None else None
+                if keys is not None:
+                    stackable[s.id] = keys
                 tags = [t for t in OmegaConf.to_container(cfg.tags, resolve=False) if t != f"study:{study_name}"]
                 extra: dict[str, Any] = {"tags": [*tags, f"study:{study_name}"]}
                 if cfg.get("name") is None:

@@ -40,16 +40,22 @@ class Launch:
     seeds: list[int]
     resume_from: str | None = None  # last.ckpt of a crashed run (then one setting, one seed)
     stacked: bool = False  # each setting's seeds trained as one stacked computation (train.py stack.seeds=[...])
+    key: str | None = None  # stacked with the settings' values of this key as well: one job for all settings
+    values: list[Any] | None = None  # per setting, its value of ``key``
 
     def pairs(self) -> list[tuple[str, int]]:
         return [(s, seed) for s in self.settings for seed in self.seeds]
 
 
 def plan_launches(pairs: list[tuple[str, int]], out_dir: Path, resume: bool = True,
-                  stackable: set[str] | frozenset[str] = frozenset()) -> list[Launch]:
+                  stackable: dict[str, frozenset[str]] | None = None,
+                  settings: list[Setting] | None = None) -> list[Launch]:
     """Group the (setting, seed) pairs to run into as few multiruns as possible: settings sharing the same set of
     seeds to run go in one multirun; a crashed run with a last.ckpt is resumed from it in its own multirun. Settings
-    in ``stackable`` with two or more seeds to run go in multiruns of their own whose jobs stack those seeds."""
+    in ``stackable`` (id -> the keys its stacked models may differ in) go in multiruns of their own whose jobs stack
+    their seeds; stackable settings that differ only in the value of one such key (``settings`` gives their
+    overrides; e.g. a sigma grid) and share their seeds to run go in one job that stacks them all."""
+    stackable = stackable or {}
     order = {p: i for i, p in enumerate(pairs)}
     by_setting: dict[str, list[int]] = {}
     launches: list[Launch] = []
@@ -62,20 +68,68 @@ def plan_launches(pairs: list[tuple[str, int]], out_dir: Path, resume: bool = Tr
             by_setting.setdefault(sid, []).append(seed)
     groups: dict[tuple[tuple[int, ...], bool], list[str]] = {}
     for sid, seeds in by_setting.items():
-        groups.setdefault((tuple(seeds), sid in stackable and len(seeds) > 1), []).append(sid)
-    launches = [Launch(sids, list(seeds), stacked=stacked) for (seeds, stacked), sids in groups.items()] + launches
+        groups.setdefault((tuple(seeds), sid in stackable), []).append(sid)
+    overrides = {s.id: s.overrides for s in settings or []}
+    for (seeds, stacked), sids in groups.items():
+        if not stacked:
+            launches.append(Launch(sids, list(seeds)))
+            continue
+        singles = []
+        for key, members in _value_groups(sids, stackable, overrides):
+            if key is None:
+                singles.append(members[0])
+            else:
+                launches.append(Launch(members, list(seeds), stacked=True, key=key,
+                                       values=[overrides[m][key] for m in members]))
+        if singles:
+            launches.append(Launch(singles, list(seeds), stacked=len(seeds) > 1))
     launches.sort(key=lambda launch: min(order[p] for p in launch.pairs()))
     return launches
 
 
+def _value_groups(sids: list[str], stackable: dict[str, frozenset[str]],
+                  overrides: dict[str, dict[str, Any]]) -> list[tuple[str | None, list[str]]]:
+    """Partition ``sids`` into (key, settings) groups of two or more settings whose overrides differ only in the
+    value of ``key`` (a key all of them may stack), and (None, [setting]) for the rest; in the settings' order."""
+    signature: dict[str, list[tuple[str, tuple]]] = {}
+    counts: dict[tuple[str, tuple], int] = {}
+    for sid in sids:
+        ov = overrides.get(sid) or {}
+        sigs = [(k, tuple(sorted((a, repr(b)) for a, b in ov.items() if a != k)))
+                for k in ov if k in stackable.get(sid, ()) and isinstance(ov[k], (int, float))]
+        signature[sid] = sigs
+        for sig in sigs:
+            counts[sig] = counts.get(sig, 0) + 1
+    chosen = {sid: max(sigs, key=lambda g: counts[g]) for sid, sigs in signature.items() if sigs}
+    out: list[tuple[str | None, list[str]]] = []
+    placed: dict[tuple[str, tuple], list[str]] = {}
+    for sid in sids:
+        sig = chosen.get(sid)
+        if sig is None or counts[sig] < 2:
+            out.append((None, [sid]))
+        elif sig in placed:
+            placed[sig].append(sid)
+        else:
+            placed[sig] = [sid]
+            out.append((sig[0], placed[sig]))
+    return [(k, m) if k is None or len(m) > 1 else (None, m) for k, m in out]
+
+
 def launch_command(launch: Launch, out_dir: Path, run_overrides: list[str], launcher: str,
                    launcher_overrides: list[str], study_name: str, settings_dir: Path | None = None) -> list[str]:
-    """The ``train.py -m`` command of one multirun (``launcher``: an option of the hydra/launcher group)."""
+    """The ``train.py -m`` command of one multirun (``launcher``: an option of the hydra/launcher group). A launch
+    stacking values runs one job from its first setting's file with ``stack.key``/``values``, and ``stack.labels``
+    = the settings' ids under ``stack.root`` = ``<out_dir>/runs``, so each member writes ``runs/<id>/seed<s>``."""
     settings_dir = settings_dir or out_dir / "settings"
     seeds = ",".join(str(s) for s in launch.seeds)
+    values = []
+    if launch.key:
+        values = [f"stack.key={launch.key}",
+                  f"stack.values=[{','.join(override_value(v) for v in launch.values)}]",
+                  f"stack.labels=[{','.join(launch.settings)}]", f"stack.root={quote(str(out_dir / 'runs'))}"]
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", searchpath(settings_dir),
-           f"+setting={','.join(launch.settings)}", f"stack.seeds=[{seeds}]" if launch.stacked else f"seed={seeds}",
-           *run_overrides]
+           f"+setting={launch.settings[0] if launch.key else ','.join(launch.settings)}",
+           f"stack.seeds=[{seeds}]" if launch.stacked else f"seed={seeds}", *values, *run_overrides]
     if launch.resume_from:
         cmd.append(f"ckpt_path={quote(launch.resume_from)}")
     cmd += ["skip_if_done=true", f"hydra.sweep.dir={quote(str(out_dir / 'runs'))}",
@@ -107,7 +161,7 @@ def lock(out_dir: Path) -> Iterator[None]:
 
 def launch_all(todo: list[tuple[str, int]], out_dir: Path, cmd_overrides: list[str], hydra_launcher: str,
                launcher_overrides: list[str], name: str, resume: bool,
-               stackable: set[str] | frozenset[str] = frozenset()) -> bool:
+               stackable: dict[str, frozenset[str]] | None = None, settings: list[Setting] | None = None) -> bool:
     """Launch the runs in ``todo``; with a local launcher, relaunch the runs that a dying multirun never started.
     True when interrupted (Ctrl-C)."""
     attempted: set[tuple[str, int]] = set()
@@ -116,7 +170,7 @@ def launch_all(todo: list[tuple[str, int]], out_dir: Path, cmd_overrides: list[s
     while remaining:
         round_ += 1
         progressed = False
-        for launch in plan_launches(remaining, out_dir, resume, stackable):
+        for launch in plan_launches(remaining, out_dir, resume, stackable, settings):
             cmd = launch_command(launch, out_dir, cmd_overrides, hydra_launcher, launcher_overrides, name)
             print(f"\n$ {shlex.join(cmd)}", flush=True)
             t0 = time.time()
@@ -189,8 +243,11 @@ def warn_stale(out_dir: Path, settings: list[Setting], seeds: list[int], states:
             rec = _recorded_overrides(d)
             if rec is None:
                 continue
-            rec_set = _normalized(rec)
-            now = _job_overrides(s.id, seed, cmd_overrides)
+            # a member of a job stacking several settings records the first setting's file with its own value
+            # and name: the setting's own keys are checked above (study.json), the rest must match
+            own = {"setting", "seed", "name", *(k.lstrip("+") for k in s.overrides)}
+            rec_set = {o for o in _normalized(rec) if o.split("=", 1)[0].lstrip("+") not in own}
+            now = {o for o in _job_overrides(s.id, seed, cmd_overrides) if o.split("=", 1)[0].lstrip("+") not in own}
             if rec_set != now:
                 diff = sorted(now - rec_set)
                 gone = sorted(rec_set - now)
