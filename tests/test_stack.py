@@ -131,10 +131,12 @@ class PoisonMember(L.Callback):
                 next(pl_module.parameters())[self.member].fill_(float("nan"))
 
 
-def test_a_diverging_member_stops_and_the_others_finish_like_their_single_runs(tmp_path):
+@pytest.mark.parametrize("check", ["auto", "deferred"])
+def test_a_diverging_member_stops_and_the_others_finish_like_their_single_runs(check, tmp_path):
     """Member 1 (seed 5) turns NaN at step 5 (epoch 2): it is recorded failed / non_finite_loss naming the step, its
-    epoch-1 checkpoints stay finite; member 0 (seed 3) trains on and ends with its single run's numbers."""
-    extra = ["importance_samples.test=20"]
+    epoch-1 checkpoints stay finite; member 0 (seed 3) trains on and ends with its single run's numbers. With
+    ``finite_check=deferred`` (no host read per step) the same, the flag read at the epoch's end."""
+    extra = ["importance_samples.test=20", f"inference.finite_check={check}"]
     single = _single(tmp_path, 3, *extra)
     poison = ["+callbacks.poison._target_=tests.test_stack.PoisonMember", "+callbacks.poison.member=1",
               "+callbacks.poison.step=5"]

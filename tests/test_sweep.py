@@ -13,7 +13,7 @@ import pytest
 
 from amortlab.studies.cli import main
 from amortlab.studies.collect import collect
-from amortlab.studies.expand import expand, setting_yaml
+from amortlab.studies.expand import Setting, expand, setting_yaml
 from amortlab.studies.launch import launch_command, plan_launches
 from amortlab.studies.overrides import override_value
 from amortlab.studies.report import write_report
@@ -246,6 +246,36 @@ def test_plan_groups_by_seed_set_and_resumes_crashed_runs(tmp_path):
     cmd = launch_command(launches[0], tmp_path, ["logger=none"], "basic", [], "st")
     assert "+setting=a,b" in cmd and "seed=0,1" in cmd and "skip_if_done=true" in cmd
     assert "hydra.sweep.subdir=${hydra:runtime.choices.setting}/seed${seed}" in cmd
+
+
+def test_plan_stacks_settings_that_differ_only_in_one_stackable_value(tmp_path):
+    """A sigma grid and an H grid each become one job stacking values x seeds; a setting differing in two keys, one
+    whose key is not stackable, a lone value, and a setting with other seeds to run stay seed-stacked jobs."""
+    settings = [Setting("none", {"encoder_regularizer": "none"}, "none"),
+                *(Setting(f"s{v}", {"encoder_regularizer": "denoising", "encoder_regularizer.sigma": v}, "d")
+                  for v in (0.1, 0.4, 0.8)),
+                Setting("s0.2a", {"encoder_regularizer": "denoising", "encoder_regularizer.sigma": 0.2,
+                                  "encoder_regularizer.alpha": 0.5}, "d"),
+                *(Setting(f"h{v}", {"encoder_regularizer": "weight_norm", "encoder_regularizer.H": v}, "w")
+                  for v in (1.0, 2.0)),
+                Setting("a0.5", {"encoder_regularizer": "denoising", "encoder_regularizer.alpha": 0.5}, "a"),
+                Setting("a0.9", {"encoder_regularizer": "denoising", "encoder_regularizer.alpha": 0.9}, "a"),
+                Setting("late", {"encoder_regularizer": "denoising", "encoder_regularizer.sigma": 1.6}, "d")]
+    den, wni = frozenset({"encoder_regularizer.sigma", "optim.optimizer.lr"}), frozenset(
+        {"encoder_regularizer.H", "optim.optimizer.lr"})
+    stackable = {s.id: (wni if s.id.startswith("h") else den) for s in settings}
+    pairs = [(s.id, seed) for s in settings for seed in ((0, 1) if s.id != "late" else (1,))]
+    launches = plan_launches(pairs, tmp_path, True, stackable, settings)
+    got = [(la.settings, la.seeds, la.stacked, la.key, la.values) for la in launches]
+    assert (["s0.1", "s0.4", "s0.8"], [0, 1], True, "encoder_regularizer.sigma", [0.1, 0.4, 0.8]) in got
+    assert (["h1.0", "h2.0"], [0, 1], True, "encoder_regularizer.H", [1.0, 2.0]) in got
+    assert (["none", "s0.2a", "a0.5", "a0.9"], [0, 1], True, None, None) in got  # alpha is not stackable
+    assert (["late"], [1], False, None, None) in got
+    assert sum(len(la.pairs()) for la in launches) == len(pairs)
+    cmd = launch_command(launches[[g[0] for g in got].index(["s0.1", "s0.4", "s0.8"])], tmp_path, [], "basic", [],
+                         "st")
+    assert "+setting=s0.1" in cmd and "stack.values=[0.1,0.4,0.8]" in cmd and "stack.labels=[s0.1,s0.4,s0.8]" in cmd
+    assert f"stack.root={tmp_path / 'runs'}" in cmd and "stack.seeds=[0,1]" in cmd
 
 
 def test_bad_arguments_and_dry_run(tmp_path, capsys):

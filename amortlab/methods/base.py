@@ -29,12 +29,14 @@ from torch import Tensor, nn
 from amortlab.config import Evaluation, ImportanceSamples
 from amortlab.data.loader import Batch
 from amortlab.distributions import DiagGaussian, posterior_mean
-from amortlab.errors import AmortlabError, NonFiniteLossError
+from amortlab.errors import AmortlabError
+from amortlab.finite import FiniteGuard
 from amortlab.evaluation import chunk_size, iwae_estimate
 from amortlab.evaluation.iwae import IWAE
 from amortlab.evaluation.protocol import EvalBatch, Estimator
 from amortlab.metrics import SplitMetrics
 from amortlab.models import FlatLatentModel, GenerativeModel, Latent
+from amortlab.nets.mlp import MLP
 from amortlab.objectives import k_sample_bound, log_weights
 from amortlab.regularizers import EncoderRegularizer
 from amortlab.settings import build
@@ -47,6 +49,7 @@ from amortlab.settings import build
 EVAL_METRICS = ("nll", "nll_iwae", "neg_elbo", "inference_gap", "neg_elbo_encoder", "neg_elbo_refined",
                 "infer_seconds")
 EVAL_SPLITS = ("val", "test", "train")  # "train": the final evaluation of the first training points (run.py)
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _SPLIT_SEED_OFFSET = {"val": 0, "test": 7_777_777, "train": 3_333_331}
 
 
@@ -89,6 +92,10 @@ class ELBOModule(L.LightningModule):
         estimator: the final log p(x) estimator (``amortlab.evaluation.protocol.Estimator``; default IWAE-k).
         regularizer: encoder regularizer (identity by default).
         log_every_n_steps: how often the training loss is logged (``self.log`` every step costs throughput).
+        finite_check: ``auto`` | ``step`` | ``deferred``: how a non-finite training loss is caught
+            (``amortlab.finite``; deferred = no host sync per step, the default on a GPU).
+        compile_mode: None (eager, default) or a ``torch.compile`` mode (``default``, ``reduce-overhead`` = CUDA
+            graphs on a GPU, ``max-autotune``): every MLP of the method is compiled in place when fitting starts.
     """
 
     method_name = "base"
@@ -97,7 +104,8 @@ class ELBOModule(L.LightningModule):
     def __init__(self, model: GenerativeModel | None = None, decoder: nn.Module | None = None,
                  importance_samples: ImportanceSamples | dict | None = None, optim: dict | None = None,
                  evaluation: Evaluation | dict | None = None, estimator: Estimator | None = None,
-                 regularizer: EncoderRegularizer | None = None, log_every_n_steps: int = 50):
+                 regularizer: EncoderRegularizer | None = None, log_every_n_steps: int = 50,
+                 finite_check: str = "auto", compile_mode: str | None = None):
         super().__init__()
         if (model is None) == (decoder is None):
             raise AmortlabError(f"{type(self).__name__} needs exactly one of model= (a GenerativeModel) and decoder= "
@@ -114,6 +122,11 @@ class ELBOModule(L.LightningModule):
         self.estimator = estimator if estimator is not None else IWAE()
         self.regularizer = regularizer or EncoderRegularizer()
         self.log_every_n_steps = log_every_n_steps
+        self.finite_guard = FiniteGuard(finite_check)
+        if compile_mode not in COMPILE_MODES:
+            raise AmortlabError(f"inference.compile_mode={compile_mode!r} is not one of null (eager), "
+                                f"{', '.join(m for m in COMPILE_MODES if m)} (torch.compile modes).")
+        self.compile_mode = compile_mode
         # annealing weights on log p(z) and log q(z|x) in the training objective (set by callbacks)
         self.prior_weight = 1.0
         self.entropy_weight = 1.0
@@ -215,13 +228,7 @@ class ELBOModule(L.LightningModule):
     # --- steps ----------------------------------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         loss = self.training_loss(batch.x)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"The training loss became {loss.item()} at global step {self.global_step} (epoch "
-                f"{self.current_epoch}, batch {batch_idx}); training stopped before that step's update, and the "
-                f"checkpoints written before it (results.json lists them, if any) are intact. Lower the learning "
-                f"rate (optim.optimizer.lr=...), add warm-up (annealing=kl or annealing=entropy), or check the data "
-                f"for values outside [0, 1]; then resume from last.ckpt (ckpt_path=...) or start again.")
+        self.finite_guard.observe(self, loss, batch_idx)
         if self.global_step % self.log_every_n_steps == 0:
             self.log("train/loss", loss.detach(), on_step=True, on_epoch=False)
         return loss
@@ -330,12 +337,22 @@ class ELBOModule(L.LightningModule):
         if "torch_rng_state" in checkpoint:
             self._restored_rng_state = checkpoint["torch_rng_state"]
 
+    def on_fit_start(self) -> None:
+        if self.compile_mode:  # the networks' forward (and backward) compiled in place; evaluation uses them too
+            for m in self.modules():
+                if isinstance(m, MLP):
+                    m.compile(mode=self.compile_mode)
+
     def on_train_start(self) -> None:
         # restore the global RNG where the checkpoint left it, so a resumed run continues the same noise stream
         state = self.__dict__.get("_restored_rng_state")
         if state is not None:
             torch.set_rng_state(state)
             self._restored_rng_state = None
+        self.finite_guard.start(self)
+
+    def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
+        self.finite_guard.check(self, batch_idx)
 
     def tags(self) -> list[str]:
         return [f"method:{self.method_name}", f"k:{self.k_train}", *self.regularizer.tags()]

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from amortlab.data.loader import Batch
 from amortlab.distributions import noise
 from amortlab.errors import AmortlabError, NonFiniteLossError
+from amortlab.finite import FIX
 from amortlab.stack.layers import member_state, stack_modules
 from amortlab.stack.values import scale_lr_per_model
 
@@ -48,6 +49,8 @@ class StackedTraining:
         return values.reshape(self.n_stack, -1).mean(1)
 
     def on_train_start(self) -> None:
+        self.finite_guard.start(self)
+        self.first_bad_members = torch.full((self.n_stack,), -1, dtype=torch.long, device=self.device)
         device = self.device
         self.generators = []
         for cpu_state, cuda_state in self.rng_states:
@@ -63,7 +66,12 @@ class StackedTraining:
         with noise.stacked(self.n_stack, self.generators):
             losses = self.training_loss(batch.x)  # [N]
         finite = torch.isfinite(losses)
-        if not bool(finite.all()):
+        if self.finite_guard.deferred:  # no host read: remember each member's first bad step on the device
+            step = torch.full((), self.global_step, dtype=torch.long, device=losses.device)
+            self.first_bad_members = torch.where(~finite & self.alive & (self.first_bad_members < 0), step,
+                                                 self.first_bad_members)
+            self.alive &= finite
+        elif not bool(finite.all()):
             self._diverge(losses, finite, batch_idx)
         if self.global_step % self.log_every_n_steps == 0:
             self.train_history.append((self.global_step, losses.detach()))
@@ -71,14 +79,28 @@ class StackedTraining:
         # a diverged member's rows are NaN in its own block only (every layer is per model, every other op per row)
         return torch.where(self.alive, losses, torch.zeros_like(losses)).sum()
 
+    def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
+        """Deferred check (``amortlab.finite``): record the members whose loss turned non-finite since the last
+        read; their checkpoints are not written after it (the read precedes each epoch's checkpoints)."""
+        if not self.finite_guard.due(self, batch_idx):
+            return
+        for i, step in enumerate(self.first_bad_members.tolist()):
+            if step >= 0 and i not in self.diverged:
+                self.diverged[i] = (
+                    f"The training loss became non-finite at global step {step} (read at step {self.global_step}: "
+                    f"inference.finite_check=deferred, no host sync per step); this model's results after it are "
+                    f"discarded (the other stacked models went on), and its checkpoints written before it are "
+                    f"intact. {FIX}")
+        if not bool(self.alive.any()):
+            raise NonFiniteLossError(next(iter(self.diverged.values())))
+
     def _diverge(self, losses: Tensor, finite: Tensor, batch_idx: int) -> None:
         for i in torch.nonzero(~finite & self.alive).flatten().tolist():
             self.alive[i] = False
             self.diverged[i] = (
                 f"The training loss became {losses[i].item()} at global step {self.global_step} (epoch "
                 f"{self.current_epoch}, batch {batch_idx}); this model stopped before that step's update (the other "
-                f"stacked models went on), and its checkpoints written before it are intact. Lower the learning rate "
-                f"(optim.optimizer.lr=...), add warm-up (annealing=kl or annealing=entropy), or check the data.")
+                f"stacked models went on), and its checkpoints written before it are intact. {FIX}")
         if not bool(self.alive.any()):
             raise NonFiniteLossError(next(iter(self.diverged.values())))
 

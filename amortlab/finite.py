@@ -1,0 +1,89 @@
+"""The non-finite training loss guard: stop a run whose loss is NaN/inf before that step's update is kept.
+
+Two ways to watch the loss (``inference.finite_check``):
+
+- ``step``: read ``isfinite(loss)`` every step and stop at once, before the update (one host read per step; free on
+  the CPU, a synchronisation per step on a GPU);
+- ``deferred``: no host read per step. A non-finite step's update is skipped on the device (the fused optimiser's
+  ``found_inf`` flag, as mixed-precision loss scaling uses: parameters, moments and step count untouched) and the
+  first such step is remembered on the device; the flag is read every ``log_every_n_steps`` steps and at the last
+  batch of every epoch (before that epoch's checkpoints are written), and the run stops there naming the step.
+  Needs a fused optimiser (``optim.optimizer.fused: true``, the default).
+- ``auto`` (default): ``deferred`` on a CUDA device with a fused optimiser, else ``step``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from amortlab.errors import AmortlabError, NonFiniteLossError
+
+MODES = ("auto", "step", "deferred")
+
+
+FIX = ("Lower the learning rate (optim.optimizer.lr=...), add warm-up (annealing=kl or annealing=entropy), or check "
+       "the data for values outside [0, 1]; then resume from last.ckpt (ckpt_path=...) or start again.")
+
+
+class FiniteGuard:
+    """Per-run state of the check; ``mode`` one of ``MODES``."""
+
+    def __init__(self, mode: str = "auto"):
+        if mode not in MODES:
+            raise AmortlabError(f"inference.finite_check={mode!r} is not one of {', '.join(MODES)} (step: check the "
+                                f"training loss every step; deferred: without a host sync, skipping a non-finite "
+                                f"step's update on the device; auto: deferred on a GPU).")
+        self.mode = mode
+        self.deferred = False
+        self.first_bad: Tensor | None = None  # device scalar: the first non-finite global step, -1 while none
+
+    def start(self, module) -> None:
+        """Resolve ``auto`` for the module's device and optimiser (``on_train_start``)."""
+        opt = _raw_optimizer(module)
+        fused = bool(opt is not None and all(g.get("fused") for g in opt.param_groups))
+        if self.mode == "deferred" and not fused:
+            raise AmortlabError("inference.finite_check=deferred skips a non-finite step's update through the fused "
+                                "optimiser's found_inf flag; set optim.optimizer.fused=true, or use "
+                                "inference.finite_check=step.")
+        self.deferred = self.mode == "deferred" or (self.mode == "auto" and module.device.type == "cuda" and fused)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=module.device) if self.deferred else None
+
+    def observe(self, module, loss: Tensor, batch_idx: int) -> None:
+        """After the loss of a training step is formed (before its backward)."""
+        if not self.deferred:
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"The training loss became {loss.item()} at global step {module.global_step} (epoch "
+                    f"{module.current_epoch}, batch {batch_idx}); training stopped before that step's update, and "
+                    f"the checkpoints written before it (results.json lists them, if any) are intact. {FIX}")
+            return
+        bad = ~torch.isfinite(loss)
+        _raw_optimizer(module).found_inf = bad.to(torch.float32)  # the fused step skips this update on the device
+        step = torch.full((), module.global_step, dtype=torch.long, device=loss.device)
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+
+    def due(self, module, batch_idx: int) -> bool:
+        """Whether the deferred flag is read at the end of this training batch (every ``log_every_n_steps`` steps
+        and at the epoch's last batch)."""
+        last = batch_idx + 1 >= module.trainer.num_training_batches
+        return self.deferred and (last or module.global_step % module.log_every_n_steps == 0)
+
+    def check(self, module, batch_idx: int) -> None:
+        """At the end of a training batch: read the device flag at the deferred mode's cadence."""
+        if not self.due(module, batch_idx):
+            return
+        first = int(self.first_bad)
+        if first >= 0:
+            raise NonFiniteLossError(
+                f"The training loss became non-finite at global step {first} (inference.finite_check=deferred: the "
+                f"loss is read every {module.log_every_n_steps} steps and at each epoch's end, without a host sync "
+                f"per step). That step's update was skipped on the device (as was any later non-finite step's), "
+                f"training stopped at step {module.global_step}, and the checkpoints written before step {first} "
+                f"(results.json lists them, if any) are intact. {FIX}")
+
+
+def _raw_optimizer(module) -> torch.optim.Optimizer | None:
+    opts = module.optimizers(use_pl_optimizer=False) if module._trainer is not None else None
+    if isinstance(opts, list):
+        return opts[0] if opts else None
+    return opts
