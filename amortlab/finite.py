@@ -35,18 +35,20 @@ class FiniteGuard:
                                 f"step's update on the device; auto: deferred on a GPU).")
         self.mode = mode
         self.deferred = False
-        self.first_bad: Tensor | None = None  # device scalar: the first non-finite global step, -1 while none
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.first_bad: Tensor | None = None  # on the device: the first non-finite global step, -1 while none
 
-    def start(self, module) -> None:
-        """Resolve ``auto`` for the module's device and optimiser (``on_train_start``)."""
-        opt = _raw_optimizer(module)
+    def start(self, module, shape: tuple[int, ...] = ()) -> None:
+        """Resolve ``auto`` for the module's device and optimiser (``on_train_start``); ``shape`` of the losses
+        watched (``(N,)``: one per stacked model)."""
+        opt = self.optimizer = _raw_optimizer(module)
         fused = bool(opt is not None and all(g.get("fused") for g in opt.param_groups))
         if self.mode == "deferred" and not fused:
             raise AmortlabError("inference.finite_check=deferred skips a non-finite step's update through the fused "
                                 "optimiser's found_inf flag; set optim.optimizer.fused=true, or use "
                                 "inference.finite_check=step.")
         self.deferred = self.mode == "deferred" or (self.mode == "auto" and module.device.type == "cuda" and fused)
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=module.device) if self.deferred else None
+        self.first_bad = torch.full(shape, -1, dtype=torch.long, device=module.device)
 
     def observe(self, module, loss: Tensor, batch_idx: int) -> None:
         """After the loss of a training step is formed (before its backward)."""
@@ -57,10 +59,16 @@ class FiniteGuard:
                     f"{module.current_epoch}, batch {batch_idx}); training stopped before that step's update, and "
                     f"the checkpoints written before it (results.json lists them, if any) are intact. {FIX}")
             return
+        bad = self.remember(module, loss)
+        self.optimizer.found_inf = bad.to(torch.float32)  # the fused step skips this update on the device
+
+    def remember(self, module, loss: Tensor) -> Tensor:
+        """Keep, on the device, the global step at which each entry of ``loss`` first became non-finite; returns
+        ``~isfinite(loss)`` (no host read)."""
         bad = ~torch.isfinite(loss)
-        _raw_optimizer(module).found_inf = bad.to(torch.float32)  # the fused step skips this update on the device
         step = torch.full((), module.global_step, dtype=torch.long, device=loss.device)
         self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+        return bad
 
     def due(self, module, batch_idx: int) -> bool:
         """Whether the deferred flag is read at the end of this training batch (every ``log_every_n_steps`` steps

@@ -49,10 +49,8 @@ class Adversarial(EncoderRegularizer):
             return super().training_loss(module, x, k)
         return self.mixed_input_loss(module, x, k, self.alpha, lambda x: self.perturb(module, x, k))
 
-    def stack_setting(self, module, name: str, values: Tensor) -> None:
+    def set_per_model(self, module, name: str, values: Tensor) -> None:
         """Stacked models with epsilon_i each: model i's rows step by epsilon_i (``noise.scale``)."""
-        if name != "epsilon":
-            super().stack_setting(module, name, values)
         self.epsilon = per_model_strength(values, "encoder_regularizer.epsilon")
 
     def tags(self) -> list[str]:

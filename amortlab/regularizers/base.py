@@ -42,9 +42,15 @@ class EncoderRegularizer:
 
     def stack_setting(self, module: nn.Module, name: str, values: Tensor) -> None:
         """Make the stacked ``module`` (N models, ``amortlab.stack``; this is its own copy of the regularizer) use
-        ``values[i]`` ``[N]`` of the setting ``name`` for model i. Only names in ``stackable_settings``."""
-        raise AmortlabError(f"encoder_regularizer={self.name} has no setting '{name}' that stacked models can differ "
-                            f"in (it has: {', '.join(self.stackable_settings) or 'none'}).")
+        ``values[i]`` ``[N]`` of the setting ``name`` (one of ``stackable_settings``) for model i."""
+        if name not in self.stackable_settings:
+            raise AmortlabError(f"encoder_regularizer={self.name} has no setting '{name}' that stacked models can "
+                                f"differ in (it has: {', '.join(self.stackable_settings) or 'none'}).")
+        self.set_per_model(module, name, values)
+
+    def set_per_model(self, module: nn.Module, name: str, values: Tensor) -> None:
+        """``stack_setting`` for a name in ``stackable_settings`` (each regularizer that has some implements it)."""
+        raise NotImplementedError
 
     def mixed_input_loss(self, module: ELBOModule, x: Tensor, k: int, alpha: float, x_enc) -> Tensor:
         """alpha * -L_k(x; q = f(x_enc(x))) + (1 - alpha) * -L_k(x; q = f(x)), batch-averaged.

@@ -35,10 +35,8 @@ class Denoising(EncoderRegularizer):
         return self.mixed_input_loss(module, x, k, self.alpha,
                                      lambda x: x + noise.scale(self.sigma, noise.randn(x.shape, x)))
 
-    def stack_setting(self, module, name: str, values: Tensor) -> None:
+    def set_per_model(self, module, name: str, values: Tensor) -> None:
         """Stacked models with sigma_i each: model i's noise rows are scaled by sigma_i (``noise.scale``)."""
-        if name != "sigma":
-            super().stack_setting(module, name, values)
         self.sigma = per_model_strength(values, "encoder_regularizer.sigma")
 
     def tags(self) -> list[str]:

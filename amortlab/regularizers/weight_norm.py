@@ -94,10 +94,8 @@ class WeightNorm(EncoderRegularizer):
     def tags(self) -> list[str]:
         return [*super().tags(), f"H:{self.H:g}"]
 
-    def stack_setting(self, module, name: str, values: Tensor) -> None:
+    def set_per_model(self, module, name: str, values: Tensor) -> None:
         """Stacked models with H_i each: every stacked encoder row cap holds H ``[N, 1, 1]``."""
-        if name != "H":
-            super().stack_setting(module, name, values)
         _per_model_buffer(module, CappedRowNorm, "H", values.view(-1, 1, 1))
 
 
@@ -124,10 +122,8 @@ class SpectralNorm(EncoderRegularizer):
     def tags(self) -> list[str]:
         return [*super().tags(), f"coeff:{self.coeff:g}"]
 
-    def stack_setting(self, module, name: str, values: Tensor) -> None:
+    def set_per_model(self, module, name: str, values: Tensor) -> None:
         """Stacked models with coeff_i each: every stacked encoder layer's cap holds coeff ``[N]``."""
-        if name != "coeff":
-            super().stack_setting(module, name, values)
         _per_model_buffer(module, SpectralCap, "coeff", values)
 
 

@@ -49,8 +49,7 @@ class StackedTraining:
         return values.reshape(self.n_stack, -1).mean(1)
 
     def on_train_start(self) -> None:
-        self.finite_guard.start(self)
-        self.first_bad_members = torch.full((self.n_stack,), -1, dtype=torch.long, device=self.device)
+        self.finite_guard.start(self, (self.n_stack,))
         device = self.device
         self.generators = []
         for cpu_state, cuda_state in self.rng_states:
@@ -66,10 +65,8 @@ class StackedTraining:
         with noise.stacked(self.n_stack, self.generators):
             losses = self.training_loss(batch.x)  # [N]
         finite = torch.isfinite(losses)
-        if self.finite_guard.deferred:  # no host read: remember each member's first bad step on the device
-            step = torch.full((), self.global_step, dtype=torch.long, device=losses.device)
-            self.first_bad_members = torch.where(~finite & self.alive & (self.first_bad_members < 0), step,
-                                                 self.first_bad_members)
+        if self.finite_guard.deferred:  # no host read: each member's first bad step is kept on the device
+            self.finite_guard.remember(self, losses)
             self.alive &= finite
         elif not bool(finite.all()):
             self._diverge(losses, finite, batch_idx)
@@ -84,7 +81,7 @@ class StackedTraining:
         read; their checkpoints are not written after it (the read precedes each epoch's checkpoints)."""
         if not self.finite_guard.due(self, batch_idx):
             return
-        for i, step in enumerate(self.first_bad_members.tolist()):
+        for i, step in enumerate(self.finite_guard.first_bad.tolist()):
             if step >= 0 and i not in self.diverged:
                 self.diverged[i] = (
                     f"The training loss became non-finite at global step {step} (read at step {self.global_step}: "

@@ -15,7 +15,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import yaml
@@ -78,17 +78,26 @@ def member_overrides(overrides: list[str], seed: int, setting: tuple[str, float]
             f"seed={seed}"]
 
 
-def member_plan(cfg: DictConfig, out_dir: Path) -> list[tuple[int, Path, tuple[str, float] | None, str | None]]:
-    """(seed, dir, (key, value) or None, name or None) per member: values x seeds, value-major."""
+class Member(NamedTuple):
+    """One stacked member: its seed, directory, (key, value) when values are stacked, and run name if set."""
+
+    seed: int
+    dir: Path
+    setting: tuple[str, float] | None = None
+    name: str | None = None
+
+
+def member_plan(cfg: DictConfig, out_dir: Path) -> list[Member]:
+    """The members: values x seeds, value-major."""
     seeds = [int(s) for s in cfg.stack.seeds]
     if cfg.stack.get("key") is None:
-        return [(s, out_dir / str(cfg.stack.dir).format(seed=s), None, None) for s in seeds]
+        return [Member(s, out_dir / str(cfg.stack.dir).format(seed=s)) for s in seeds]
     key, values = str(cfg.stack.key), [float(v) for v in cfg.stack["values"]]
     labels = list(cfg.stack.labels) if cfg.stack.get("labels") else [f"{key.rsplit('.', 1)[-1]}{v:g}" for v in values]
     root = out_dir / cfg.stack.root if cfg.stack.get("root") else out_dir
     own_name = cfg.get("name") is not None and not cfg.stack.get("labels")
-    return [(s, root / label / str(cfg.stack.dir).format(seed=s), (key, v),
-             f"{cfg.name}-{label}" if own_name else f"{label}-s{s}")
+    return [Member(s, root / label / str(cfg.stack.dir).format(seed=s), (key, v),
+                   f"{cfg.name}-{label}" if own_name else f"{label}-s{s}")
             for v, label in zip(values, labels) for s in seeds]
 
 
@@ -123,14 +132,14 @@ def run_stacked(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     overrides = command_overrides()
     plan = []
     for member in member_plan(cfg, out_dir):
-        d = member[1]
+        d = member.dir
         if cfg.skip_if_done and (d / "results.json").is_file() and '"status": "ok"' in (d / "results.json").read_text():
             print(f"amortlab: {d} already holds a finished run (skip_if_done=true); not running it again.")
             continue
         plan.append(member)
     if not plan:
         return {"status": "ok", "members": [], "metrics": {}}
-    dirs = [m[1] for m in plan]
+    dirs = [m.dir for m in plan]
     with contextlib.ExitStack() as stack:
         for d in dirs:
             stack.enter_context(RunLock(d))
@@ -149,9 +158,10 @@ def run_stacked(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
                 r.close_logger()
 
 
-def _run_stacked(cfg: DictConfig, plan: list, records: list[RunRecord], overrides: list[str],
+def _run_stacked(cfg: DictConfig, plan: list[Member], records: list[RunRecord], overrides: list[str],
                  out_dir: Path) -> dict[str, Any]:
-    seeds, dirs = [m[0] for m in plan], [m[1] for m in plan]
+    seeds, dirs = [m.seed for m in plan], [m.dir for m in plan]
+    values = [m.setting[1] for m in plan] if cfg.stack.get("key") else None
     with open_dict(cfg):
         if cfg.data_dir is None:
             from amortlab.data.download import default_data_dir
@@ -181,12 +191,11 @@ def _run_stacked(cfg: DictConfig, plan: list, records: list[RunRecord], override
         r.results.update(config=module.run_config, tags=module.tags(), axes=module.axes(),
                          estimator=module.estimator.name,
                          stack={"seeds": list(dict.fromkeys(seeds)), "index": len(members) - 1, "run_dir": str(out_dir),
-                                **({"key": cfg.stack.key, "values": [m[2][1] for m in plan]}
-                                   if cfg.stack.get("key") else {})})
+                                **({"key": cfg.stack.key, "values": values} if values else {})})
         del member_dm
     stacked = stack_method(members, rng_states)
-    if cfg.stack.get("key"):
-        apply_values(stacked, str(cfg.stack.key), [m[2][1] for m in plan])
+    if values:
+        apply_values(stacked, str(cfg.stack.key), values)
 
     validates = cfg.trainer.get("limit_val_batches") not in (0, 0.0)
     member_cbs = [build_callbacks(c, validates) for c in cfgs]
@@ -204,7 +213,7 @@ def _run_stacked(cfg: DictConfig, plan: list, records: list[RunRecord], override
     trainer: L.Trainer = instantiate_group(cfgs[0].trainer, "trainer", logger=False, enable_checkpointing=False,
                                       callbacks=[throughput, records_cb, *shared])
     log.info("amortlab: training %d models as one stacked computation (seeds %s%s) -> %s", len(seeds), seeds,
-             f", {cfg.stack.key} {[m[2][1] for m in plan]}" if cfg.stack.get("key") else "",
+             f", {cfg.stack.key} {values}" if values else "",
              ", ".join(str(d) for d in dirs))
     t0 = time.perf_counter()
     with sigterm_as_interrupt():
