@@ -1,6 +1,8 @@
 """Exact dataset means for evaluation: float64 sums that DDP reduces by summation."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
@@ -79,13 +81,18 @@ def _key(name: str) -> str:
 class SplitMetrics(nn.Module):
     """Exact means over one split of named per-point values ``[B]`` (``ExactMean`` each) and the active-unit count
     of the posterior means ``z_mean`` ``[B, Z]``; ``compute(split)`` returns ``{"<split>/<name>": float}`` (with
-    ``<split>/n_points``, all ranks, and ``<split>/active_units``) and resets."""
+    ``<split>/n_points``, all ranks, and ``<split>/active_units``; with several stochastic layers also
+    ``<split>/active_units/z1``, ``.../z2``, ... per layer) and resets.
 
-    def __init__(self, names, z_dim: int):
+    ``latent_dims``: (D_1, ..., D_L) of the model's layers (an int: one layer); ``z_mean`` is their concatenation.
+    """
+
+    def __init__(self, names, latent_dims: int | Sequence[int]):
         super().__init__()
+        self.latent_dims = (int(latent_dims),) if isinstance(latent_dims, int) else tuple(int(d) for d in latent_dims)
         self.names: list[str] = []
         self.means = nn.ModuleDict()
-        self.units = ActiveUnits(z_dim)
+        self.units = ActiveUnits(sum(self.latent_dims))
         self.add(*names)
 
     def add(self, *names: str) -> None:
@@ -114,5 +121,9 @@ class SplitMetrics(nn.Module):
             metric.reset()
         if self.units.update_count:
             out[f"{split}/active_units"] = int(self.units.compute())
+            if len(self.latent_dims) > 1:
+                active = (self.units.variances() > ActiveUnits.threshold).split(self.latent_dims)
+                for i, a in enumerate(active):
+                    out[f"{split}/active_units/z{i + 1}"] = int(a.sum())
             self.units.reset()
         return out

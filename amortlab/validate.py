@@ -105,6 +105,7 @@ def check_config(cfg: DictConfig) -> None:
     if unknown:
         problems.append(f"unknown top-level key(s) {unknown} (added with +KEY=...; nothing reads them): remove them "
                         f"(known keys: {', '.join(sorted(known - {'hydra'}))})")
+    problems += _layer_problems(cfg)
     for key, ok, allowed, example in RULES:
         if not _has(cfg, key):
             continue
@@ -113,6 +114,22 @@ def check_config(cfg: DictConfig) -> None:
             problems.append(f"{key}={value!r} must be {allowed} (e.g. {example})")
     if problems:
         raise AmortlabError("Invalid settings, nothing was started: " + "; ".join(problems) + ".")
+
+
+# encoders of one latent layer: a posterior=<family> choice swaps the model's encoder for one of them
+_ONE_LAYER_ENCODERS = ("amortlab.nets.GaussianEncoder", "amortlab.nets.FlowEncoder")
+
+
+def _layer_problems(cfg: DictConfig) -> list[str]:
+    """A model with several stochastic layers whose encoder was swapped for a one-layer family (posterior=...)."""
+    dims = _get(cfg, "model.generative.latent_dims")
+    target = _get(cfg, "model.encoder._target_")
+    if isinstance(dims, (list, ListConfig)) and len(dims) > 1 and target in _ONE_LAYER_ENCODERS:
+        return [f"model.encoder._target_={target} is a q over one latent layer, but the model has {len(dims)} "
+                f"stochastic layers (latent_dims={list(dims)}): drop the posterior=... override (the model's own "
+                f"layered encoder, amortlab.nets.BottomUpEncoder, gives a Gaussian per layer; inference=ladder, "
+                f"iterative and sa_vae use it too)"]
+    return []
 
 
 def check_data(cfg: DictConfig, train_size: int) -> None:

@@ -26,7 +26,7 @@ class FinalEvaluation(L.LightningModule):
         super().__init__()
         estimator.check(method)
         self.method, self.split, self.k, self.estimator = method, split, int(k), estimator
-        self.split_metrics = SplitMetrics(method.eval_metric_names(estimator), method.z_dim)
+        self.split_metrics = SplitMetrics(method.eval_metric_names(estimator), method.model.latent_dims)
         self.results: dict[str, Any] = {}
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:

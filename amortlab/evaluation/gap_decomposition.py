@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from amortlab.errors import AmortlabError
 from amortlab.evaluation.ais import ais_log_likelihood
 from amortlab.evaluation.gaps import GAP_METRICS, GapsConfig, decompose, gap_table
 from amortlab.evaluation.posterior_plot import draw_posteriors
@@ -22,17 +21,14 @@ class GapDecomposition(Estimator):
     def __init__(self, **settings):
         self.cfg = build(GapsConfig, settings, "evaluation.estimator")
 
-    def check(self, module) -> None:
-        if not module.model.flat:
-            raise AmortlabError("evaluation=gaps fits per-point q* over one latent layer, but this model has "
-                                f"{len(module.model.latent_dims)} stochastic layers; use evaluation=iwae.")
-
     def __call__(self, batch: EvalBatch) -> Estimate:
         m, gen = batch.module, batch.generator
         ais = None
         if self.cfg.ais:
             def ais(x):
-                return ais_log_likelihood(m.model.log_likelihood, x, m.z_dim, self.cfg.ais_settings, gen)
+                # annealed in the prior's own noise eps ~ N(0, I) (z = from_noise(eps); the identity for one layer)
+                return ais_log_likelihood(lambda x_, eps: m.model.log_likelihood(x_, m.model.from_noise(eps)), x,
+                                          m.z_dim, self.cfg.ais_settings, gen)
         out = decompose(m, batch.x, batch.q, batch.k, batch.rows, self.cfg, gen, ais_fn=ais)
         return Estimate(out["gap/log_px"], out)
 

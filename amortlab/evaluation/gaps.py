@@ -106,7 +106,8 @@ def local_family(name: str, n: int, z_dim: int, q0, cfg: GapsConfig, like: Tenso
     from ``shape_of`` (default ``q0``; see ``_flow_shape``)."""
     init = {"dtype": like.dtype, "device": like.device}
     if cfg.qstar.init == "encoder" and q0.capabilities.local_params:  # lambda = (mu, log sigma^2)
-        mu, logvar = q0.pack().detach().chunk(2, dim=-1)
+        with torch.no_grad():  # a layered q computes its point estimate here (evaluation's inference-mode tensors)
+            mu, logvar = q0.pack().detach().chunk(2, dim=-1)
         init.update(init_mu=mu, init_logvar=logvar)
     elif cfg.qstar.init == "encoder":  # a flow or a mixture: its moment-matched Gaussian
         mean, var = sampled_moments(q0, generator)

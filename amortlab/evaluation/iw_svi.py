@@ -18,7 +18,8 @@ posterior, so refinement converges instead of random-walking. The step size deca
 fixed step size. A point keeps lambda* only if it scores at least as well as lambda_0 on a common-random-numbers
 estimate of the optimised bound L_k (the mean of ``select_reps`` independent k-sample bounds, the same noise for
 both), so the refinement never makes a point's q worse than the encoder's. The large-k IWAE estimate then uses the
-refined q.
+refined q. Over several stochastic layers lambda is every layer's (mu, log sigma^2) (a factorised Gaussian over all of
+them), started at a layered q's point estimate (``LayeredGaussian.pack``) and kept where it beats that start.
 """
 from __future__ import annotations
 
@@ -84,6 +85,8 @@ def refine(model, x: Tensor, q0: DiagGaussian, cfg: SVIConfig,
     -> [k, B]``. The decoder is not updated: gradients are taken with respect to the local parameters only.
     """
     log_weights = model.log_weights
+    if not isinstance(q0, DiagGaussian):  # a structured q over several layers: its factorised Gaussian start
+        q0 = DiagGaussian.unpack(q0.pack())
     with local_grad():
         x = x.detach().clone()
         mu = q0.mu.detach().clone().requires_grad_(True)

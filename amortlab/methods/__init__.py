@@ -5,6 +5,7 @@ from amortlab.methods.semi_amortized import SAVAE, SVI, VAEPlusSVI, VAEPlusSVIKL
 
 __all__ = ["ELBOModule", "AmortizedVAE", "SVI", "VAEPlusSVI", "VAEPlusSVIKL", "SAVAE"]
 from amortlab.methods.iterative import IterativeVAE  # noqa: E402
+from amortlab.methods.ladder import LadderVAE  # noqa: E402
 from amortlab.methods.recursive_mixture import RecursiveMixtureVAE  # noqa: E402
 
-__all__ += ["IterativeVAE", "RecursiveMixtureVAE"]
+__all__ += ["IterativeVAE", "LadderVAE", "RecursiveMixtureVAE"]

@@ -131,7 +131,7 @@ class ELBOModule(L.LightningModule):
         self.prior_weight = 1.0
         self.entropy_weight = 1.0
         self.method_metric_names: list[str] = []
-        self.val_metrics = SplitMetrics(EVAL_METRICS, self.z_dim)  # per-epoch validation (IWAE-k_val)
+        self.val_metrics = SplitMetrics(EVAL_METRICS, self.model.latent_dims)  # per-epoch validation (IWAE-k_val)
         self.run_config: dict[str, Any] | None = None  # resolved Hydra config, stored in checkpoints
 
     @property

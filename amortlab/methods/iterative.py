@@ -14,8 +14,13 @@ a standard amortized encoder's output (``init=encoder``; the model's ``encoder``
   ``n_grad_samples`` reparameterised samples; the gradient is per example (of sum_b L_b, not of the batch mean).
 - ``encoding=error``: [eps_x, eps_z, lambda_t] ``[B, X + 3Z]`` with, for s = 1..n_grad_samples draws z_s ~ q_{lambda_t},
   eps_x = x - mean_s E[x | z_s] (Bernoulli: x - p; methods.md's (mu_x - x)/sigma_x up to sign, which the linear first
-  layer absorbs) and eps_z = mean_s (mu_z - z_s)/sigma_z = -mean_s z_s (prior N(0, I)). lambda_t is also fed (it is
-  what the gate mixes; the errors alone hold it only through one noisy sample).
+  layer absorbs) and eps_z = mean_s (mu_p - z_s)/sigma_p, per layer with (mu_p, sigma_p) of p(z_l | z_{l+1, s})
+  (``GenerativeModel.prior_residual``; -mean_s z_s for one N(0, I) layer). lambda_t is also fed (it is what the gate
+  mixes; the errors alone hold it only through one noisy sample).
+
+Hierarchical models (Marino et al. 2018's hierarchical experiments): lambda holds every layer's (mu, log sigma^2),
+q = a factorised Gaussian over all layers ``[B, 2 sum_l D_l]``; the gradient of the ELBO w.r.t. it, and the prior's
+per-layer prediction errors, carry the structure p(z_l | z_{l+1}) into each layer's update.
 
 Training (one backward pass): phi minimises the mean over iterates of -L_k(lambda_t), t in S = {1..T} ({0..T} with
 ``init=encoder``, so the encoder is trained on its own bound), L_k the k-sample bound (k = importance_samples.train,
@@ -101,9 +106,6 @@ class IterativeVAE(ELBOModule):
             raise AmortlabError("inference=iterative cannot be built: " + "; ".join(problems) + ". Fix these values "
                                 "(see conf/inference/iterative.yaml for the defaults).")
         super().__init__(decoder=decoder, **kwargs)
-        if not self.model.flat:
-            raise AmortlabError("inference=iterative updates one lambda per point over one latent layer; this model "
-                                f"has {len(self.model.latent_dims)}. Use inference=amortized.")
         self.T, self.encoding, self.init = int(iterations), encoding, init
         self.n_grad_samples, self.eval_elbo_samples = int(n_grad_samples), int(eval_elbo_samples)
         Z = self.z_dim
@@ -131,7 +133,7 @@ class IterativeVAE(ELBOModule):
         with torch.no_grad():
             z = _q(lam).rsample(self.n_grad_samples, generator)  # [n, B, Z]
             x_mean = self.model.mean(z).mean(0)
-            eps_z = -z.mean(0)  # (mu_z - z) / sigma_z with the N(0, I) prior
+            eps_z = -self.model.prior_residual(z).mean(0)  # (mu_p - z) / sigma_p per layer (-z for N(0, I))
         return torch.cat([x - x_mean, eps_z, lam], dim=-1)
 
     def iterates(self, x: Tensor, generator: torch.Generator | None = None, track: bool = True) -> list[Tensor]:

@@ -81,7 +81,11 @@ class RecursiveMixtureVAE(ELBOModule):
             problems.append(f"inference.epsilon={epsilon} (needs 0 < epsilon < 1, else a component gets weight 0)")
         if kl_weight < 0:
             problems.append(f"inference.kl_weight={kl_weight} (needs >= 0; 0 turns the diversity reward off)")
-        if not issubclass(type(encoder).family, DiagGaussian):
+        if getattr(encoder, "latent_dims", None) and len(encoder.latent_dims) > 1:
+            problems.append(f"the model has {len(encoder.latent_dims)} stochastic layers, but the mixture's components "
+                            f"are diagonal Gaussians over one layer (use inference=amortized, ladder, iterative or "
+                            f"sa_vae with a hierarchical model)")
+        elif not issubclass(type(encoder).family, DiagGaussian):
             problems.append(f"the model's encoder gives a {type(encoder).family.__name__} q, but the mixture's "
                             f"components are diagonal Gaussians (use posterior=gaussian)")
         if problems:

@@ -14,7 +14,9 @@ Every scheme reports the refined bound L_k(x; lambda_K) as its training value (t
 seeded generator); ``neg_elbo_encoder`` / ``neg_elbo_refined`` are the bounds before / after them and
 ``refine_seconds`` the refinement's wall time per point. With K = 0 every scheme's q is the encoder's and SA-VAE is
 the VAE exactly. The encoder regularizers compose: weight norm wraps the encoder; denoising feeds the noisy x to the
-encoder only (lambda_0 = enc(x + eps)) while the steps and the bound score the clean x.
+encoder only (lambda_0 = enc(x + eps)) while the steps and the bound score the clean x. Over several stochastic
+layers lambda holds every layer's (mu, log sigma^2) (a factorised Gaussian over all of them); a layered encoder's q
+starts it at its point estimate (``LayeredGaussian.pack``).
 """
 from __future__ import annotations
 
@@ -61,9 +63,6 @@ class SemiAmortizedBase(ELBOModule):
     def __init__(self, encoder: nn.Module | None = None, refinement: dict | None = None, **kwargs):
         super().__init__(**kwargs)
         self.refinement = RefinementConfig(**dict(refinement or {}))
-        if not self.model.flat:
-            raise AmortlabError(f"inference={self.method_name} refines one lambda per point over one latent layer; "
-                                f"this model has {len(self.model.latent_dims)}. Use inference=amortized.")
         if self.uses_encoder:
             if encoder is None:
                 raise AmortlabError(f"inference={self.method_name} needs an encoder (model.encoder).")
@@ -79,11 +78,13 @@ class SemiAmortizedBase(ELBOModule):
 
     # --- lambda_0 and the steps -----------------------------------------------------------------------------------
     def infer(self, x: Tensor) -> DiagGaussian:
-        """The encoder's q_lambda_0 ``[B, Z]`` (the prior N(0, I) without an encoder)."""
+        """The encoder's q_lambda_0 ``[B, Z]`` (the prior N(0, I) without an encoder). Over several layers lambda
+        holds all of them: a layered encoder's q gives the factorised Gaussian at its point estimate (``pack``)."""
         if not self.uses_encoder:
             zeros = x.new_zeros(x.shape[0], self.z_dim)
             return DiagGaussian(zeros, zeros.clone())
-        return self.encoder(x)
+        q = self.encoder(x)
+        return q if isinstance(q, DiagGaussian) else _q(_lam(q))
 
     def _noise(self, x: Tensor, generator: torch.Generator | None) -> list[Tensor]:
         shape = (self.k_train, x.shape[0], self.z_dim)

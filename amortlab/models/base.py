@@ -6,7 +6,9 @@ tuple of them. Every density returns ``[k, B]`` (summed over latent and data dim
 
     log p(x, z) = log p(z) + log p(x | z)                                     (``log_joint``)
 
-``latent_dims`` lists D_l per layer and ``z_dim`` is their sum. ``log_likelihood(..., frozen=True)`` holds theta
+``latent_dims`` lists D_l per layer and ``z_dim`` is their sum. A model with several layers also takes the layers
+concatenated in one tensor ``[k, B, sum_l D_l]`` (the layout of a fully factorised q over all layers); ``split`` gives
+the tuple either way. ``log_likelihood(..., frozen=True)`` holds theta
 constant (gradients reach z, never the model's parameters): the path a term takes that must train only q.
 """
 from __future__ import annotations
@@ -34,6 +36,27 @@ class GenerativeModel(nn.Module):
     def flat(self) -> bool:
         """One stochastic layer: z is a single tensor ``[k, B, D]`` (schemes with one lambda per point need this)."""
         return len(self.latent_dims) == 1
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        """``z1`` (nearest the data), ``z2``, ...: the names of per-layer results (``active_units/z1``)."""
+        return tuple(f"z{i + 1}" for i in range(len(self.latent_dims)))
+
+    def split(self, z: Latent) -> tuple[Tensor, ...]:
+        """One tensor per layer ``[..., D_l]`` from a tuple or from the concatenation ``[..., z_dim]``."""
+        if isinstance(z, Tensor):
+            return tuple(z.split(self.latent_dims, dim=-1))
+        return tuple(z)
+
+    def prior_residual(self, z: Latent) -> Tensor:
+        """(z_l - E_p[z_l | layers above]) / sd_p per layer, concatenated ``[..., z_dim]`` (z itself for N(0, I)):
+        the prediction errors of iterative inference's error encoding."""
+        raise NotImplementedError
+
+    def from_noise(self, eps: Tensor) -> Tensor:
+        """z = T(eps) ``[..., z_dim]`` (concatenated) with z ~ p(z) for eps ~ N(0, I): the prior's own
+        reparameterisation (AIS anneals in eps, where the prior is N(0, I))."""
+        raise NotImplementedError
 
     def log_prior(self, z: Latent) -> Tensor:
         """log p(z) ``[k, B]``."""

@@ -24,6 +24,12 @@ class FlatLatentModel(GenerativeModel):
     def log_prior(self, z: Tensor) -> Tensor:
         return std_normal_log_prob(z)
 
+    def prior_residual(self, z: Tensor) -> Tensor:
+        return z
+
+    def from_noise(self, eps: Tensor) -> Tensor:
+        return eps
+
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
         return self.decoder.log_prob(x, z)
 

@@ -14,7 +14,9 @@ from amortlab.studies.reports.base import Report
 METHOD_COLUMNS = (("test/nll", "test NLL"), ("test/nll_iwae", "NLL, IWAE from the method's q"),
                   ("test/neg_elbo", "-ELBO (method's q)"),
                   ("test/neg_elbo_encoder", "-ELBO (encoder's q)"), ("test/gap/amortization", "amortization gap"),
-                  ("test/inference_gap", "inference gap"), ("test/infer_seconds", "inference ms / point"))
+                  ("test/inference_gap", "inference gap"), ("test/active_units", "active units"),
+                  ("test/active_units/z1", "active units z1"), ("test/active_units/z2", "active units z2"),
+                  ("test/infer_seconds", "inference ms / point"))
 SCALE = {"test/infer_seconds": 1000.0}  # seconds -> ms
 
 

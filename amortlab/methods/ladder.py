@@ -1,0 +1,70 @@
+"""Top-down (ladder) inference over a hierarchy (Sønderby, Raiko, Maaløe, Sønderby & Winther 2016):
+``inference=ladder``.
+
+A deterministic bottom-up pass gives an estimate (mu^_l, sigma^2_l) of every layer (``BottomUpEncoder.bottom_up``);
+q is then drawn top-down, the top layer from its estimate and every lower layer from the precision-weighted
+combination of its estimate with the generative prior given the layer above:
+
+    q(z_L | x) = N(mu^_L, sigma^_L^2),
+    q(z_l | z_{l+1}, x) = N(mu_q, sigma_q^2),   sigma_q^-2 = sigma^_l^-2 + sigma_p^-2,
+                          mu_q = (mu^_l sigma^_l^-2 + mu_p sigma_p^-2) sigma_q^2,   (mu_p, sigma_p^2) of p(z_l | z_{l+1}),
+
+so q and p share the top-down networks (the prior's parameters receive gradient through q as well). With one layer
+this is the amortized VAE. Everything else (the k-sample bound, regularizers, evaluation) is the base module's.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from amortlab.distributions.layered import LayeredGaussian
+from amortlab.errors import AmortlabError
+from amortlab.methods.base import ELBOModule
+
+
+def precision_weighted(mu_a: Tensor, logvar_a: Tensor, mu_b: Tensor, logvar_b: Tensor) -> tuple[Tensor, Tensor]:
+    """The product of N(mu_a, e^logvar_a) and N(mu_b, e^logvar_b), normalised: (mu, logvar), computed as
+    logvar = -logaddexp(-logvar_a, -logvar_b) and mu = w mu_a + (1 - w) mu_b, w = sigmoid(logvar_b - logvar_a)."""
+    w = torch.sigmoid(logvar_b - logvar_a)
+    return w * mu_a + (1.0 - w) * mu_b, -torch.logaddexp(-logvar_a, -logvar_b)
+
+
+class LadderVAE(ELBOModule):
+    """Top-down inference; see the module docstring.
+
+    Args:
+        encoder: a ``BottomUpEncoder`` (its ``bottom_up`` pass gives the per-layer estimates).
+    """
+
+    method_name = "ladder"
+    stackable = True  # per-row computation only, like the amortized VAE
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module | None = None, **kwargs):
+        super().__init__(decoder=decoder, **kwargs)
+        if self.model.flat or not hasattr(encoder, "bottom_up") or not hasattr(self.model, "prior_layer"):
+            raise AmortlabError(
+                f"inference=ladder combines a bottom-up estimate of every stochastic layer with the generative prior "
+                f"p(z_l | z_(l+1)); it needs a hierarchical model and its layered encoder (model=burda_mlp2), got a "
+                f"model with {len(self.model.latent_dims)} layer(s) and a {type(encoder).__name__}. Use "
+                f"model=burda_mlp2, or inference=amortized for a one-layer model (the ladder with one layer is the VAE).")
+        self.encoder = self.regularizer.wrap_encoder(encoder)
+
+    @property
+    def posterior_family(self) -> type:
+        return LayeredGaussian
+
+    def infer(self, x: Tensor) -> LayeredGaussian:
+        est = self.encoder.bottom_up(x)
+        top = len(est) - 1
+
+        def conditional(layer: int, done: dict) -> tuple[Tensor, Tensor]:
+            if layer == top:
+                return est[top].mu, est[top].logvar
+            p = self.model.prior_layer(layer, done[layer + 1])
+            return precision_weighted(est[layer].mu, est[layer].logvar, p.mu, p.logvar)
+
+        return LayeredGaussian(self.model.latent_dims, range(top, -1, -1), conditional, x)
+
+    def tags(self) -> list[str]:
+        name = "ladder" if self.k_train == 1 else f"ladder_iwae{self.k_train}"
+        return [name, *super().tags()]
