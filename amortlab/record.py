@@ -140,6 +140,10 @@ def summary(results: dict[str, Any], path: Path) -> str:
         row = (f"{split:<6}{f(split + '/nll') + (f' [{n}]' if n is not None else ''):>26}{f(split + '/neg_elbo')}"
                f"{f(split + '/inference_gap')}{au:>5}")
         lines.append(row + (f"  {f(split + '/nll_iwae')}" if est != "iwae" else ""))
+    layers = sorted((k.rsplit("/", 1)[1] for k in m if k.startswith("test/active_units/")), key=lambda z: int(z[1:]))
+    if layers:  # several stochastic layers: AU per layer (z1 nearest the data)
+        lines.append("active units per layer (test): " + ", ".join(f"{z} {m[f'test/active_units/{z}']}"
+                                                                   for z in layers))
     lines += [
         f"time: fit {t.get('fit_s', 0):.1f}s ({t.get('train_images_per_s') or 0:.0f} img/s), "
         f"eval val {t.get('val_s', 0):.1f}s + test {t.get('test_s', 0):.1f}s"

@@ -59,7 +59,10 @@ def _compare_checkpoints(single, member, which):
     ["encoder_regularizer=weight_norm", "importance_samples=k5", "test=false"],
     ["encoder_regularizer=spectral_norm", "test=false"],
     ["encoder_regularizer=adversarial", "model=cremer_mlp", "annealing=entropy", "test=false"],
-], ids=["vae", "iwae5-denoising-flow", "wni", "spectral", "adversarial-cremer-annealing"])
+    ["model=burda_mlp2", "importance_samples.test=20"],
+    ["model=burda_mlp2", "inference=ladder", "importance_samples=k5", "encoder_regularizer=weight_norm", "test=false"],
+], ids=["vae", "iwae5-denoising-flow", "wni", "spectral", "adversarial-cremer-annealing", "two-layers",
+        "ladder-iwae5-wni"])
 def test_stacked_members_equal_their_single_runs(extra, tmp_path):
     singles = {s: _single(tmp_path, s, *extra) for s in SEEDS}
     stack_dir, out = _stacked(tmp_path, *extra)

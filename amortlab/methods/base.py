@@ -187,7 +187,8 @@ class ELBOModule(L.LightningModule):
         """log w_i = log p(x | z_i) + log p(z_i) - log q(z_i | x), z_i ~ q; ``[k, B]``.
 
         ``annealed`` applies the current annealing weights (training only); ``frozen_decoder`` holds the model's
-        parameters constant (a term that must train only q's side, e.g. an encoder's own bound).
+        parameters constant, the likelihood's and a learned prior's (a term that must train only q's side, e.g. an
+        encoder's own bound).
         """
         z, log_q = q.rsample_with_log_prob(k, generator)
         return self.log_weights_at(x, z, log_q, annealed, frozen_decoder)
@@ -196,7 +197,7 @@ class ELBOModule(L.LightningModule):
                        frozen_decoder: bool = False) -> Tensor:
         """log p(x | z) + log p(z) - log q for given samples z (``[k, B, Z]`` per layer) and their log q ``[k, B]``."""
         log_px_z = self.model.log_likelihood(x, z, frozen=frozen_decoder)
-        log_pz = self.model.log_prior(z)
+        log_pz = self.model.log_prior(z, frozen=frozen_decoder)
         if annealed:
             return log_weights(log_px_z, log_pz, log_q, self.prior_weight, self.entropy_weight)
         return log_weights(log_px_z, log_pz, log_q)

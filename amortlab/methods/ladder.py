@@ -7,7 +7,8 @@ combination of its estimate with the generative prior given the layer above:
 
     q(z_L | x) = N(mu^_L, sigma^_L^2),
     q(z_l | z_{l+1}, x) = N(mu_q, sigma_q^2),   sigma_q^-2 = sigma^_l^-2 + sigma_p^-2,
-                          mu_q = (mu^_l sigma^_l^-2 + mu_p sigma_p^-2) sigma_q^2,   (mu_p, sigma_p^2) of p(z_l | z_{l+1}),
+                          mu_q = (mu^_l sigma^_l^-2 + mu_p sigma_p^-2) sigma_q^2,
+                          (mu_p, sigma_p^2) of p(z_l | z_{l+1}),
 
 so q and p share the top-down networks (the prior's parameters receive gradient through q as well). With one layer
 this is the amortized VAE. Everything else (the k-sample bound, regularizers, evaluation) is the base module's.
@@ -46,7 +47,8 @@ class LadderVAE(ELBOModule):
                 f"inference=ladder combines a bottom-up estimate of every stochastic layer with the generative prior "
                 f"p(z_l | z_(l+1)); it needs a hierarchical model and its layered encoder (model=burda_mlp2), got a "
                 f"model with {len(self.model.latent_dims)} layer(s) and a {type(encoder).__name__}. Use "
-                f"model=burda_mlp2, or inference=amortized for a one-layer model (the ladder with one layer is the VAE).")
+                f"model=burda_mlp2, or inference=amortized for a one-layer model (with one layer the ladder is the "
+                f"VAE).")
         self.encoder = self.regularizer.wrap_encoder(encoder)
 
     @property

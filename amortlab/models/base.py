@@ -58,8 +58,9 @@ class GenerativeModel(nn.Module):
         reparameterisation (AIS anneals in eps, where the prior is N(0, I))."""
         raise NotImplementedError
 
-    def log_prior(self, z: Latent) -> Tensor:
-        """log p(z) ``[k, B]``."""
+    def log_prior(self, z: Latent, frozen: bool = False) -> Tensor:
+        """log p(z) ``[k, B]``; ``frozen`` holds the prior's parameters constant (a learned prior's, e.g. the
+        conditionals of a hierarchy)."""
         raise NotImplementedError
 
     def log_likelihood(self, x: Tensor, z: Latent, frozen: bool = False) -> Tensor:

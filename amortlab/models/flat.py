@@ -21,7 +21,7 @@ class FlatLatentModel(GenerativeModel):
         self.decoder = decoder
         self.latent_dims = (int(decoder.z_dim),)
 
-    def log_prior(self, z: Tensor) -> Tensor:
+    def log_prior(self, z: Tensor, frozen: bool = False) -> Tensor:
         return std_normal_log_prob(z)
 
     def prior_residual(self, z: Tensor) -> Tensor:

@@ -55,16 +55,20 @@ class HierarchicalModel(GenerativeModel):
         self.latent_dims = dims
 
 
-    def prior_layer(self, layer: int, z_above: Tensor) -> DiagGaussian:
-        """p(z_l | z_{l+1}) for the 0-based ``layer`` < L - 1, parameters ``[..., D_l]``."""
-        return self.conditionals[layer](z_above)
+    def prior_layer(self, layer: int, z_above: Tensor, frozen: bool = False) -> DiagGaussian:
+        """p(z_l | z_{l+1}) for the 0-based ``layer`` < L - 1, parameters ``[..., D_l]`` (``frozen``: the
+        conditional's parameters held constant, gradients reach z only)."""
+        net = self.conditionals[layer]
+        if frozen:
+            return torch.func.functional_call(net, {n: p.detach() for n, p in net.named_parameters()}, (z_above,))
+        return net(z_above)
 
     # --- the protocol -----------------------------------------------------------------------------------------
-    def log_prior(self, z: Latent) -> Tensor:
+    def log_prior(self, z: Latent, frozen: bool = False) -> Tensor:
         zs = self.split(z)
         out = std_normal_log_prob(zs[-1])
         for layer in range(len(zs) - 1):
-            out = out + self.prior_layer(layer, zs[layer + 1]).log_prob(zs[layer])
+            out = out + self.prior_layer(layer, zs[layer + 1], frozen).log_prob(zs[layer])
         return out
 
     def forward(self, x: Tensor, z: Latent) -> Tensor:
