@@ -20,6 +20,8 @@ class Capabilities:
         Gaussian lambda = (mu, log sigma^2).
     path_derivative: ``q.rsample_path_derivative(k, generator) -> (z, log q)`` whose gradient w.r.t. q's parameters
         flows only through z (parameters stopped in log q; Roeder et al. 2017): q* optimisation.
+    factorised: q is itself the fully factorised Gaussian of its lambda (``q.pack()`` is q's own parameters, not a
+        projection of a structured q): q*_FFG can start exactly at q.
     closed_form_mean: ``q.mean()`` = E_q[z] exactly (otherwise it is estimated from samples).
     closed_form_kl: ``q.kl_to_standard_normal()`` = KL(q || N(0, I)) exactly.
     log_prob: ``q.log_prob(z)`` is the exact density (a flow with an auxiliary variable has only log q~).
@@ -29,6 +31,7 @@ class Capabilities:
 
     local_params: bool = False
     path_derivative: bool = False
+    factorised: bool = False
     closed_form_mean: bool = False
     closed_form_kl: bool = False
     log_prob: bool = False

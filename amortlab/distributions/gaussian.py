@@ -19,7 +19,7 @@ class DiagGaussian:
     mu: Tensor
     logvar: Tensor
     family: ClassVar[str] = "gaussian"
-    capabilities: ClassVar[Capabilities] = Capabilities(local_params=True, path_derivative=True,
+    capabilities: ClassVar[Capabilities] = Capabilities(local_params=True, path_derivative=True, factorised=True,
                                                         closed_form_mean=True, closed_form_kl=True, log_prob=True)
 
     def pack(self) -> Tensor:

@@ -9,8 +9,8 @@ With the decoder frozen, for each test point x:
 q is the method's (amortized) q, q* the per-datapoint optimum (``qstar.optimize_local``, stopped per point) in the
 family of q; both families' q* are reported:
 
-- q*_FFG starts at the encoder's Gaussian (``qstar.init=encoder``; for a flow q its moment-matched Gaussian) or the
-  prior.
+- q*_FFG starts at the encoder's Gaussian (``qstar.init=encoder``; for a flow, mixture or layered q its
+  moment-matched Gaussian) or the prior. Over several stochastic layers it is a factorised Gaussian over all of them.
 - q*_Flow is the model's family: the encoder's flow width and steps for a flow q (else ``flow.hidden`` /
   ``flow.steps``, default the ``posterior=flow`` encoder's). It starts at q*_FFG (the flow family contains those
   Gaussians, so L[q*_Flow] >= L[q*_FFG] up to noise) and, for a flow q, also at the encoder's own flow; each point
@@ -101,15 +101,15 @@ def _flow_shape(q, cfg: GapsConfig) -> dict:
 def local_family(name: str, n: int, z_dim: int, q0, cfg: GapsConfig, like: Tensor,
                  generator: torch.Generator | None = None, shape_of=None) -> torch.nn.Module:
     """A per-point family for ``n`` points (dtype and device of ``like``), at the prior or (``qstar.init=encoder``)
-    at ``q0``'s Gaussian (for a flow or mixture q0: the Gaussian with its sample mean and variance).
-    A flow takes its shape
-    from ``shape_of`` (default ``q0``; see ``_flow_shape``)."""
+    at ``q0``'s Gaussian (for a flow, a mixture or a layered q over several stochastic layers: the Gaussian with its
+    sample mean and variance; a layered q's own factorised point estimate can sit where the model's conditional
+    prior is far narrower than q's marginal spread). A flow takes its shape from ``shape_of`` (default ``q0``; see
+    ``_flow_shape``)."""
     init = {"dtype": like.dtype, "device": like.device}
-    if cfg.qstar.init == "encoder" and q0.capabilities.local_params:  # lambda = (mu, log sigma^2)
-        with torch.no_grad():  # a layered q computes its point estimate here (evaluation's inference-mode tensors)
-            mu, logvar = q0.pack().detach().chunk(2, dim=-1)
+    if cfg.qstar.init == "encoder" and q0.capabilities.factorised:  # lambda = (mu, log sigma^2) of q itself
+        mu, logvar = q0.pack().detach().chunk(2, dim=-1)
         init.update(init_mu=mu, init_logvar=logvar)
-    elif cfg.qstar.init == "encoder":  # a flow or a mixture: its moment-matched Gaussian
+    elif cfg.qstar.init == "encoder":  # a flow, a mixture or a layered q: its moment-matched Gaussian
         mean, var = sampled_moments(q0, generator)
         init.update(init_mu=mean, init_logvar=var.clamp_min(1e-8).log())
     if name == "ffg":
