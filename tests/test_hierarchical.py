@@ -213,6 +213,26 @@ def test_qstar_ffg_over_all_layers_is_the_mean_field_optimum():
             assert (ref >= best - 0.05).all()  # at least the best factorised Gaussian's bound
 
 
+def test_qstar_ffg_of_a_layered_q_starts_at_its_moments_not_its_point_estimate():
+    """A layered q is not its own lambda (capability ``factorised`` is False): q*_FFG starts at its sampled mean and
+    variance, which for the ladder's z1 include the spread that z2's draws carry through p(z1 | z2)."""
+    from amortlab.distributions.moments import sampled_moments
+    from amortlab.evaluation.gaps import local_family
+
+    model = linear_hierarchy()
+    m = LadderVAE(encoder(), model=model).double()
+    x = data(model, 6)
+    q = m.infer(x)
+    assert not q.capabilities.factorised and DiagGaussian.capabilities.factorised
+    cfg = GapsConfig(families=["ffg"], qstar=QStarConfig(init="encoder"))
+    start = local_family("ffg", 6, Z, q, cfg, x, torch.Generator().manual_seed(0))()
+    mean, var = sampled_moments(q, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(start.mu, mean)
+    torch.testing.assert_close(start.logvar, var.log())
+    point_logvar = q.pack().chunk(2, -1)[1]
+    assert (var[:, :D1].log() > point_logvar[:, :D1] + 0.01).all()  # wider than the point estimate's z1
+
+
 def test_ais_in_prior_noise_matches_exact_log_px():
     model = linear_hierarchy()
     x = data(model, 6)
