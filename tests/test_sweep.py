@@ -214,10 +214,12 @@ def test_repository_studies_expand():
         assert study["reports"] == {"gaps_reduced": ["gaps"], "gaps_annealing_reduced": ["gaps"],
                                     "methods_reduced": ["gaps", "methods", "bound_vs_k"],
                                     "sa_vae_reduced": ["methods", "bound_vs_k"],
-                                    "sa_vae_omniglot_paper": ["methods", "bound_vs_k"]}.get(name, []), name
+                                    "sa_vae_omniglot_paper": ["methods", "bound_vs_k"],
+                                    "hierarchy_reduced": ["methods"]}.get(name, []), name
         ks = {s.overrides.get("importance_samples") for s in settings}
         expected = {"air_reduced": {"k1"}, "air_strength": {"k1", "k8", "k64"}, "air_table1_mnist": {"k1", "k8", "k64"},
-                    "air_table1_mnist_reduced": {"k1", "k8", "k64"}}.get(name, {None})
+                    "air_table1_mnist_reduced": {"k1", "k8", "k64"},
+                    "burda_table1_mnist2": {"k1", "k5", "k50"}}.get(name, {None})
         assert ks == expected, name
 
 
