@@ -70,3 +70,11 @@ class DiagGaussian:
     def entropy(self) -> Tensor:
         """H[q] = (1/2) sum_d (1 + log 2pi + log sigma^2), ``[B]``."""
         return 0.5 * (1.0 + LOG_2PI + self.logvar).sum(-1)
+
+
+def as_factorised(q) -> DiagGaussian:
+    """The fully factorised Gaussian of q's lambda ``[B, Z]``: q itself when its family is ``factorised``, else
+    ``DiagGaussian.unpack(q.pack())`` (a structured q over several layers -> its point-estimate projection)."""
+    if type(q).capabilities.factorised:
+        return q
+    return DiagGaussian.unpack(q.pack())

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from amortlab.distributions import DiagGaussian, require
+from amortlab.distributions import DiagGaussian, as_factorised, require
 from amortlab.evaluation.estimators import chunk_size, iwae_estimate
 from amortlab.evaluation.protocol import Estimate, EvalBatch, Estimator
 from amortlab.evaluation.qstar import draw_seed
@@ -85,8 +85,7 @@ def refine(model, x: Tensor, q0: DiagGaussian, cfg: SVIConfig,
     -> [k, B]``. The decoder is not updated: gradients are taken with respect to the local parameters only.
     """
     log_weights = model.log_weights
-    if not isinstance(q0, DiagGaussian):  # a structured q over several layers: its factorised Gaussian start
-        q0 = DiagGaussian.unpack(q0.pack())
+    q0 = as_factorised(q0)  # a structured q over several layers: its factorised Gaussian start
     with local_grad():
         x = x.detach().clone()
         mu = q0.mu.detach().clone().requires_grad_(True)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from amortlab.distributions import DiagGaussian, require
+from amortlab.distributions import DiagGaussian, as_factorised, require
 from amortlab.errors import AmortlabError
 from amortlab.grad import local_grad
 from amortlab.methods.base import ELBOModule, EvalInference
@@ -84,7 +84,7 @@ class SemiAmortizedBase(ELBOModule):
             zeros = x.new_zeros(x.shape[0], self.z_dim)
             return DiagGaussian(zeros, zeros.clone())
         q = self.encoder(x)
-        return q if isinstance(q, DiagGaussian) else _q(_lam(q))
+        return as_factorised(q)
 
     def _noise(self, x: Tensor, generator: torch.Generator | None) -> list[Tensor]:
         shape = (self.k_train, x.shape[0], self.z_dim)
