@@ -165,4 +165,5 @@ def build_from_overrides(overrides: list[str] | None = None):
     dm.setup()
     with open_dict(cfg):
         cfg.x_dim = dm.x_dim
+        cfg.image_shape = list(dm.image_shape)
     return build_module(cfg), dm

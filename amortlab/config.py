@@ -91,6 +91,7 @@ class Config:
     ckpt_path: Optional[str] = None  # resume training from it (train=true) or evaluate it (train=false)
     skip_if_done: bool = False  # return at once if the run dir already holds results.json with status ok (sweeps)
     x_dim: Optional[int] = None  # filled in from the dataset before the model is built
+    image_shape: Optional[list[int]] = None  # (C, H, W), filled in from the dataset (convolutional models)
     name: Optional[str] = None  # run name (W&B); default: derived from method, dataset, regularizer, k
     group: Optional[str] = None  # W&B group (sweep.py sets it to the study name)
     tags: list[str] = field(default_factory=list)

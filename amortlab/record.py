@@ -129,7 +129,7 @@ def summary(results: dict[str, Any], path: Path) -> str:
         "",
         f"amortlab | {' '.join(results['tags'])} | data:{d['name']} ({d['train_size']}/{d['val_size']}/"
         f"{d['test_size']}, {d['binarization']})",
-        f"{'split':<6}{name + ' [n]':>26}{'-ELBO':>10}{'inf. gap':>10}{'AU':>5}"
+        f"{'split':<6}{name + ' [n]':>26}{'-ELBO':>10}{'inf. gap':>10}{'AU':>5}{'KL':>10}{'MI':>10}"
         + (f"{'NLL (IWAE)':>12}" if est != "iwae" else ""),
     ]
     for split in ("val", "test", "train"):
@@ -138,7 +138,7 @@ def summary(results: dict[str, Any], path: Path) -> str:
             continue
         au = m.get(f"{split}/active_units", "-")
         row = (f"{split:<6}{f(split + '/nll') + (f' [{n}]' if n is not None else ''):>26}{f(split + '/neg_elbo')}"
-               f"{f(split + '/inference_gap')}{au:>5}")
+               f"{f(split + '/inference_gap')}{au:>5}{f(split + '/kl')}{f(split + '/mutual_info')}")
         lines.append(row + (f"  {f(split + '/nll_iwae')}" if est != "iwae" else ""))
     layers = sorted((k.rsplit("/", 1)[1] for k in m if k.startswith("test/active_units/")), key=lambda z: int(z[1:]))
     if layers:  # several stochastic layers: AU per layer (z1 nearest the data)

@@ -105,7 +105,7 @@ def check_config(cfg: DictConfig) -> None:
     if unknown:
         problems.append(f"unknown top-level key(s) {unknown} (added with +KEY=...; nothing reads them): remove them "
                         f"(known keys: {', '.join(sorted(known - {'hydra'}))})")
-    problems += _layer_problems(cfg)
+    problems += _layer_problems(cfg) + _conv_problems(cfg)
     for key, ok, allowed, example in RULES:
         if not _has(cfg, key):
             continue
@@ -117,7 +117,7 @@ def check_config(cfg: DictConfig) -> None:
 
 
 # encoders of one latent layer: a posterior=<family> choice swaps the model's encoder for one of them
-_ONE_LAYER_ENCODERS = ("amortlab.nets.GaussianEncoder", "amortlab.nets.FlowEncoder")
+_ONE_LAYER_ENCODERS = ("amortlab.nets.GaussianEncoder", "amortlab.nets.FlowEncoder", "amortlab.nets.IAFEncoder")
 
 
 def _layer_problems(cfg: DictConfig) -> list[str]:
@@ -129,6 +129,22 @@ def _layer_problems(cfg: DictConfig) -> list[str]:
                 f"stochastic layers (latent_dims={list(dims)}): drop the posterior=... override (the model's own "
                 f"layered encoder, amortlab.nets.BottomUpEncoder, gives a Gaussian per layer; inference=ladder, "
                 f"iterative and sa_vae use it too)"]
+    return []
+
+
+def _conv_problems(cfg: DictConfig) -> list[str]:
+    """A convolutional model (model=conv|pixelcnn) given an MLP-trunk family (posterior=...) or an MLP width preset
+    (encoder_size=...)."""
+    if not _has(cfg, "model.encoder.channels"):
+        return []
+    target = _get(cfg, "model.encoder._target_")
+    if target in _ONE_LAYER_ENCODERS:
+        return [f"model.encoder._target_={target} has an MLP trunk, but this model's encoder is convolutional "
+                f"(model=conv or pixelcnn: a Gaussian q from amortlab.nets.ConvEncoder): drop the posterior=... "
+                f"override"]
+    if isinstance(_get(cfg, "model.encoder.hidden"), (list, ListConfig)):
+        return ["encoder_size=... sets MLP layer widths, but this model's encoder is convolutional: drop it and set "
+                "the dense width with model.encoder.hidden=N"]
     return []
 
 

@@ -112,7 +112,7 @@ def assert_matches_independent_evaluation(run_dir: Path, draws=gaussian_draws, R
     x = dm.splits["test"]  # [N, X]
     N = len(x)
     g = torch.Generator().manual_seed(12345)
-    lws = []
+    lws, rates = [], []
     with torch.no_grad():
         for _ in range(R):  # R independent sets of k draws per point
             z, log_q = draws(module, x, k, g)  # [k, N, Z], [k, N]
@@ -120,6 +120,12 @@ def assert_matches_independent_evaluation(run_dir: Path, draws=gaussian_draws, R
             log_px_z = (x * F.logsigmoid(logits) + (1 - x) * F.logsigmoid(-logits)).sum(-1)
             log_pz = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
             lws.append(log_px_z.double() + log_pz.double() - log_q.double())
+            rates.append(log_q.double() - log_pz.double())
+    # the KL term KL(q || p(z)) by Monte Carlo (reported: closed form for a Gaussian q, else KL_SAMPLES draws)
+    from amortlab.evaluation.collapse import KL_SAMPLES
+    rate = torch.cat(rates)  # [R k, N]
+    se_kl = math.sqrt(float(rate.var(0).sum()) * (1 / len(rate) + 1 / KL_SAMPLES)) / N
+    assert abs(m["test/kl"] - float(rate.mean())) <= 4 * se_kl + 1e-4, (m["test/kl"], float(rate.mean()), se_kl)
     lw = torch.stack(lws)  # [R, k, N]
     iwae = torch.logsumexp(lw, 1) - math.log(k)  # [R, N]
     lw = lw.reshape(R * k, N)

@@ -80,7 +80,8 @@ def test_unknown_report_is_a_readable_error(tmp_path, capsys):
     rc, out = collect_only(tmp_path, "[gaps, gapz]")
     assert rc == 2
     err = capsys.readouterr().err
-    assert "unknown report 'gapz'" in err and "Known reports: bound_vs_k, gaps, methods" in err and "_target_" in err
+    assert "unknown report 'gapz'" in err and "_target_" in err
+    assert "Known reports: bound_vs_k, gaps, methods, nll_vs_time" in err
     assert not (out / "table.md").exists()  # nothing written
 
     with pytest.raises(SweepError, match="cannot be built.*no_such_module"):
@@ -92,8 +93,37 @@ def test_unknown_report_is_a_readable_error(tmp_path, capsys):
 
 
 def test_registered_reports_are_built_by_name():
-    assert set(REPORTS) == {"gaps", "methods", "bound_vs_k"}
+    assert set(REPORTS) == {"gaps", "methods", "bound_vs_k", "nll_vs_time"}
     built = build_reports(list(REPORTS))
     assert [r.name for r in built] == list(REPORTS)
     assert isinstance(built[0], GapsReport)
     assert build_reports([]) == []
+
+
+def test_nll_vs_time_report_names_the_best_on_each_axis_and_the_front(tmp_path):
+    """Four settings (two seeds each): the table's means and stds against the per-seed values written here, the
+    best-NLL / fastest settings, and the Pareto front computed by hand (c is beaten on both axes by a)."""
+    from amortlab.studies.reports.tradeoff import NLLvsTimeReport, pareto
+    out = tmp_path / "out"
+    per_seed = {"a": ([90.0, 91.0], [0.001, 0.001]), "b": ([88.0, 88.5], [0.010, 0.012]),
+                "c": ([92.0, 93.0], [0.002, 0.002]), "d": ([87.0, 87.2], [0.100, 0.100])}
+    for sid, (nlls, times) in per_seed.items():
+        for seed, (nll, t) in enumerate(zip(nlls, times)):
+            d = out / "runs" / sid / f"seed{seed}"
+            d.mkdir(parents=True)
+            metrics = {"test/nll": nll, "test/infer_seconds": t}
+            axes = {"method": "amortized" if sid != "b" else "sa_vae", "regularizer": "none", "strength": None, "k": 1}
+            (d / "results.json").write_text(json.dumps({"status": "ok", "metrics": metrics, "axes": axes,
+                                                        "config": {"seed": seed}}))
+    path = tmp_path / "study.yaml"
+    path.write_text("name: t\nseeds: [0, 1]\nsettings:\n" + "".join(f"  - {{id: {s}, inference: amortized}}\n"
+                                                                   for s in per_seed)
+                    + "metrics: [test/nll, test/infer_seconds]\nreports: [nll_vs_time]\n")
+    assert main([f"study_file={path}", f"out_dir={out}", "collect_only=true"]) == 0
+    text = (out / "nll_vs_time.md").read_text()
+    assert "| a | amortized | 2 | 90.50 ± 0.71 | 1.000 ± 0.000 | yes |" in text
+    assert "| c | amortized | 2 | 92.50 ± 0.71 | 2.000 ± 0.000 |  |" in text
+    assert "Best NLL: d. Fastest inference: a. Not beaten on both axes: a, b, d." in text
+    assert (out / "nll_vs_time.png").stat().st_size > 0
+    assert pareto([("x", 1.0, 5.0), ("y", 1.0, 5.0), ("z", 2.0, 4.0)]) == ["x", "y", "z"]  # ties beat nobody
+    assert NLLvsTimeReport().write([], out) == {}

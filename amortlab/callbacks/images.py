@@ -1,6 +1,7 @@
 """Image panels: samples from p(x | z), z ~ p(z), and reconstructions of fixed validation images.
 
-Saved as PNG grids in ``<run dir>/images/`` every ``every_n_epochs`` epochs and at the end of training, and sent to
+Saved as PNG grids in ``<run dir>/images/`` every ``every_n_epochs`` epochs and at the end of training (an
+autoregressive decoder's, drawn ancestrally, only at the end and fewer of them), and sent to
 the logger when it can show images (W&B). Uses its own generator, so it never perturbs the training noise stream.
 """
 from __future__ import annotations
@@ -46,6 +47,11 @@ class ImagePanels(L.Callback):
             every_n_epochs, n_samples, n_recon, seed, scale)
         self.saved: list[Path] = []
 
+    @staticmethod
+    def autoregressive(pl_module) -> bool:
+        """An autoregressive decoder (model=pixelcnn): each image costs H*W decoder passes."""
+        return bool(getattr(getattr(pl_module.model, "decoder", None), "autoregressive", False))
+
     def _panels(self, trainer: L.Trainer, pl_module, tag: str) -> None:
         if not trainer.is_global_zero:
             return
@@ -54,8 +60,9 @@ class ImagePanels(L.Callback):
         gen = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         was_training = pl_module.training
         pl_module.eval()
-        samples = pl_module.sample_images(self.n_samples, gen)
-        x = dm.splits["val"][:self.n_recon].to(pl_module.device)
+        ar = self.autoregressive(pl_module)  # ancestral sampling: fewer panels (16 samples, 8 reconstructions)
+        samples = pl_module.sample_images(min(self.n_samples, 16) if ar else self.n_samples, gen)
+        x = dm.splits["val"][:min(self.n_recon, 8) if ar else self.n_recon].to(pl_module.device)
         recon = pl_module.reconstruct(x)
         pl_module.train(was_training)
         pair = torch.stack([x, recon], 1).reshape(-1, x.shape[-1])  # originals and reconstructions interleaved
@@ -70,6 +77,8 @@ class ImagePanels(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch + 1
+        if self.autoregressive(pl_module):  # panels of an autoregressive decoder only at the end (H*W passes each)
+            return
         if self.every_n_epochs and epoch % self.every_n_epochs == 0 and epoch < (trainer.max_epochs or 0):
             self._panels(trainer, pl_module, f"epoch{epoch:05d}")
 

@@ -26,7 +26,9 @@ class Capabilities:
     closed_form_kl: ``q.kl_to_standard_normal()`` = KL(q || N(0, I)) exactly.
     log_prob: ``q.log_prob(z)`` is the exact density (a flow with an auxiliary variable has only log q~).
     mixture: a mixture of Gaussians (``mus``, ``logvars``, ``log_w``; stratified draws).
-    flow: an auxiliary coupling flow (``flow``, ``reverse``, ``context``): q*_Flow can start at it.
+    flow: a normalising flow with per-point versions of its own family (``q.local_copy()``: per-point copies
+        starting at q; ``q.local_at(n, init_mu, init_logvar, hidden, steps, ...)``: same shape starting near a
+        Gaussian): q*_Flow is fitted in this family (the auxiliary coupling flow, the IAF).
     """
 
     local_params: bool = False

@@ -71,13 +71,16 @@ class Dense(nn.Module):
         self.bias = nn.Parameter(torch.empty(*lead, out_dim, **kw).uniform_(-bound, bound, generator=generator))
 
     def forward(self, x: Tensor) -> Tensor:
+        return self._affine(x, self.weight)
+
+    def _affine(self, x: Tensor, weight: Tensor) -> Tensor:
         if self.n_points is None:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, weight, self.bias)
         if x.dim() != 3 or x.shape[1] != self.n_points:
             raise ValueError(f"a per-point layer of {self.n_points} points takes input [k, {self.n_points}, "
                              f"{self.in_dim}], got {list(x.shape)}")
         # [n, k, in] @ [n, in, out] + [n, 1, out] -> [n, k, out] -> [k, n, out]
-        return torch.baddbmm(self.bias.unsqueeze(1), x.transpose(0, 1), self.weight.transpose(1, 2)).transpose(0, 1)
+        return torch.baddbmm(self.bias.unsqueeze(1), x.transpose(0, 1), weight.transpose(1, 2)).transpose(0, 1)
 
     def extra_repr(self) -> str:
         per = "" if self.n_points is None else f", n_points={self.n_points}"
@@ -305,6 +308,20 @@ class AuxFlowPosterior:
     def log_prob(self, z: Tensor) -> Tensor:
         raise NotImplementedError("the flow posterior's marginal q(z_T) has no closed form; use "
                                   "rsample_with_log_prob (log q~ of the auxiliary-variable bound) instead")
+
+    # --- q* in the flow family (amortlab.evaluation.gaps) ---------------------------------------------------------
+    def local_copy(self) -> LocalFlow:
+        """A per-point copy starting at exactly this q (``LocalFlow.from_posterior``)."""
+        return LocalFlow.from_posterior(self)
+
+    def local_at(self, n: int, init_mu: Tensor | None = None, init_logvar: Tensor | None = None,
+                 hidden: int | Sequence[int] | None = None, steps: int | None = None, dtype=None, device=None,
+                 generator: torch.Generator | None = None) -> LocalFlow:
+        """Per-point flows of this flow's shape (``hidden`` / ``steps`` overridable) starting near
+        N(init_mu, exp(init_logvar)) (``LocalFlow``)."""
+        f = self.flow
+        return LocalFlow(n, f.z_dim, f.v_dim, f.hidden if hidden is None else hidden, f.steps if steps is None
+                         else steps, init_mu, init_logvar, dtype=dtype, device=device, generator=generator)
 
 
 # --- per-datapoint families for q* ----------------------------------------------------------------------------------

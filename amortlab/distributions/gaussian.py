@@ -32,6 +32,10 @@ class DiagGaussian:
         mu, logvar = lam.chunk(2, dim=-1)
         return cls(mu, logvar)
 
+    def take(self, idx) -> DiagGaussian:
+        """The q of points ``idx`` of the batch."""
+        return DiagGaussian(self.mu[idx], self.logvar[idx])
+
     def mean(self) -> Tensor:
         """E_q[z] = mu ``[B, D]``."""
         return self.mu

@@ -70,6 +70,10 @@ class MixtureGaussian:
             self.log_w = self.log_w.unsqueeze(-1)
         self.log_w = self.log_w.to(self.mus).expand(self.mus.shape[0], self.mus.shape[1])  # [M, B]
 
+    def take(self, idx) -> MixtureGaussian:
+        """The q of points ``idx`` of the batch."""
+        return MixtureGaussian(self.mus[:, idx], self.logvars[:, idx], self.log_w[:, idx])
+
     @classmethod
     def from_components(cls, components: list[DiagGaussian], weights: list[float] | Tensor) -> MixtureGaussian:
         mus = torch.stack([c.mu for c in components])

@@ -11,11 +11,12 @@ family of q; both families' q* are reported:
 
 - q*_FFG starts at the encoder's Gaussian (``qstar.init=encoder``; for a flow, mixture or layered q its
   moment-matched Gaussian) or the prior. Over several stochastic layers it is a factorised Gaussian over all of them.
-- q*_Flow is the model's family: the encoder's flow width and steps for a flow q (else ``flow.hidden`` /
-  ``flow.steps``, default the ``posterior=flow`` encoder's). It starts at q*_FFG (the flow family contains those
-  Gaussians, so L[q*_Flow] >= L[q*_FFG] up to noise) and, for a flow q, also at the encoder's own flow; each point
-  keeps the better of the two optimised flows (common-random-numbers ELBO, ``qstar.select_k`` samples), so
-  L[q*_Flow] >= L[q] too.
+- q*_Flow is the model's family: for a flow q its own family, width and steps (``posterior=flow``: per-point
+  auxiliary coupling flows; ``posterior=iaf``: per-point IAFs with the points' contexts h(x)); for any other q the
+  auxiliary coupling flow of ``flow.hidden`` / ``flow.steps`` (default the ``posterior=flow`` encoder's). It starts
+  at q*_FFG (both flow families start there as that Gaussian up to small random output weights, so L[q*_Flow] >=
+  L[q*_FFG] up to noise) and, for a flow q, also at the encoder's own flow; each point keeps the better of the two
+  optimised flows (common-random-numbers ELBO, ``qstar.select_k`` samples), so L[q*_Flow] >= L[q] too.
 
 log p(x) reference (``gap/log_px``), chosen without looking at the reported samples: AIS when it is enabled (alone,
 even where IWAE-k from a q* happens to come out higher); otherwise the IWAE-k proposal (q, q*_FFG or q*_Flow) with
@@ -86,25 +87,14 @@ def q_family(q) -> str:
     return "flow" if q.capabilities.flow else "ffg"
 
 
-def _flow_shape(q, cfg: GapsConfig) -> dict:
-    if q.capabilities.flow:
-        shape = {"hidden": q.flow.hidden, "steps": q.flow.steps, "v_dim": q.flow.v_dim}
-    else:
-        shape = {"hidden": DEFAULT_FLOW_HIDDEN, "steps": DEFAULT_FLOW_STEPS}
-    if cfg.flow.hidden is not None:
-        shape["hidden"] = cfg.flow.hidden
-    if cfg.flow.steps is not None:
-        shape["steps"] = cfg.flow.steps
-    return shape
-
-
 def local_family(name: str, n: int, z_dim: int, q0, cfg: GapsConfig, like: Tensor,
                  generator: torch.Generator | None = None, shape_of=None) -> torch.nn.Module:
     """A per-point family for ``n`` points (dtype and device of ``like``), at the prior or (``qstar.init=encoder``)
     at ``q0``'s Gaussian (for a flow, a mixture or a layered q over several stochastic layers: the Gaussian with its
     sample mean and variance; a layered q's own factorised point estimate can sit where the model's conditional
-    prior is far narrower than q's marginal spread). A flow takes its shape from ``shape_of`` (default ``q0``; see
-    ``_flow_shape``)."""
+    prior is far narrower than q's marginal spread). q*_Flow is the family of ``shape_of`` (default ``q0``) when that
+    is a flow (``local_at``: its shape, its context), else the auxiliary coupling flow of the ``posterior=flow``
+    default shape; ``cfg.flow`` overrides hidden / steps."""
     init = {"dtype": like.dtype, "device": like.device}
     if cfg.qstar.init == "encoder" and q0.capabilities.factorised:  # lambda = (mu, log sigma^2) of q itself
         mu, logvar = q0.pack().detach().chunk(2, dim=-1)
@@ -114,7 +104,12 @@ def local_family(name: str, n: int, z_dim: int, q0, cfg: GapsConfig, like: Tenso
         init.update(init_mu=mean, init_logvar=var.clamp_min(1e-8).log())
     if name == "ffg":
         return LocalGaussian(n, z_dim, **init)
-    return LocalFlow(n, z_dim, **_flow_shape(q0 if shape_of is None else shape_of, cfg), **init, generator=generator)
+    shape_q = q0 if shape_of is None else shape_of
+    over = {key: v for key in ("hidden", "steps") if (v := getattr(cfg.flow, key)) is not None}
+    if shape_q.capabilities.flow:
+        return shape_q.local_at(n, **init, **over, generator=generator)
+    shape = {"hidden": DEFAULT_FLOW_HIDDEN, "steps": DEFAULT_FLOW_STEPS, **over}
+    return LocalFlow(n, z_dim, **shape, **init, generator=generator)
 
 
 @dataclass
@@ -177,7 +172,7 @@ def _starts(name: str, n: int, z_dim: int, model, x: Tensor, q, cfg: GapsConfig,
         at_ffg = GapsConfig(qstar=QStarConfig(init="encoder"), flow=cfg.flow)
         starts.append(local_family("flow", n, z_dim, done["ffg"].members[0](), at_ffg, x, generator, shape_of=q))
     if q.capabilities.flow:
-        starts.append(LocalFlow.from_posterior(q))  # the encoder's own flow
+        starts.append(q.local_copy())  # the encoder's own flow
     return starts or [local_family("flow", n, z_dim, q, cfg, x, generator)]
 
 

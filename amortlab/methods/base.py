@@ -32,6 +32,7 @@ from amortlab.distributions import DiagGaussian, posterior_mean
 from amortlab.errors import AmortlabError
 from amortlab.finite import FiniteGuard
 from amortlab.evaluation import chunk_size, iwae_estimate
+from amortlab.evaluation.collapse import kl_term, mutual_information
 from amortlab.evaluation.iwae import IWAE
 from amortlab.evaluation.protocol import EvalBatch, Estimator
 from amortlab.metrics import SplitMetrics
@@ -47,7 +48,7 @@ from amortlab.settings import build
 # estimator runs); infer_seconds: wall time of the method's inference (encoder + any refinement) per point.
 # An estimator adds its own names (``Estimator.metric_names``), a method its diagnostics (``register_eval_metrics``).
 EVAL_METRICS = ("nll", "nll_iwae", "neg_elbo", "inference_gap", "neg_elbo_encoder", "neg_elbo_refined",
-                "infer_seconds")
+                "infer_seconds", "kl", "mutual_info")
 EVAL_SPLITS = ("val", "test", "train")  # "train": the final evaluation of the first training points (run.py)
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _SPLIT_SEED_OFFSET = {"val": 0, "test": 7_777_777, "train": 3_333_331}
@@ -100,6 +101,7 @@ class ELBOModule(L.LightningModule):
 
     method_name = "base"
     stackable = False  # amortlab.stack can train N seeds of this method as one computation (checked per method)
+    val_mutual_info = False  # per-epoch validation also estimates I_q(x; z) (the final evaluation always does)
 
     def __init__(self, model: GenerativeModel | None = None, decoder: nn.Module | None = None,
                  importance_samples: ImportanceSamples | dict | None = None, optim: dict | None = None,
@@ -234,22 +236,25 @@ class ELBOModule(L.LightningModule):
             self.log("train/loss", loss.detach(), on_step=True, on_epoch=False)
         return loss
 
-    def eval_generator(self, batch: Batch, split: str) -> torch.Generator:
+    def eval_generator(self, batch: Batch, split: str, stream: int = 0) -> torch.Generator:
         """The evaluation's noise for ``batch`` of ``split``: seeded by the evaluation seed, the split and the
-        batch's position in the split (so numbers do not depend on the world size or on what ran before)."""
+        batch's position in the split (so numbers do not depend on the world size or on what ran before);
+        ``stream`` > 0 gives an independent stream for extra diagnostics (the others keep their draws)."""
         g = torch.Generator(device=batch.x.device)
-        g.manual_seed((self.eval_seed * 1_000_003 + _SPLIT_SEED_OFFSET[split] + batch.first_index) % (2**63))
+        g.manual_seed((self.eval_seed * 1_000_003 + _SPLIT_SEED_OFFSET[split] + batch.first_index
+                       + stream * 10**12) % (2**63))
         return g
 
     @torch.no_grad()
     def evaluate_batch(self, batch: Batch, k: int, split: str = "test",
-                       estimator: Estimator | None = None) -> dict[str, Tensor]:
+                       estimator: Estimator | None = None, mutual_info: bool = True) -> dict[str, Tensor]:
         """Per-example evaluation of one batch, each value ``[B]``.
 
         ``nll_iwae`` = -IWAE-k from the method's evaluation-time q and ``neg_elbo`` = -ELBO of that q (same
         samples); ``nll`` = -log p_hat(x) of ``estimator`` (None: the IWAE-k estimate, as in per-epoch validation)
         with the estimator's own values; ``inference_gap`` = neg_elbo - nll. ``z_mean`` ``[B, Z]`` is E_q[z] of
-        that q, for the active-unit count.
+        that q, for the active-unit count. Collapse diagnostics of that q (``amortlab.evaluation.collapse``):
+        ``kl`` = KL(q || p(z)) and, with ``mutual_info`` and where q has an exact density, ``mutual_info`` = I_q(x; z).
         """
         x = batch.x
         gen = self.eval_generator(batch, split)
@@ -280,6 +285,10 @@ class ELBOModule(L.LightningModule):
             out.update(inference.after())
         # a fresh generator, so the numbers above keep their noise stream
         out["z_mean"] = posterior_mean(q, self.eval_generator(batch, split))
+        gen = self.eval_generator(batch, split, stream=1)
+        out["kl"] = kl_term(self.model, q, gen)
+        if mutual_info and (mi := mutual_information(q, gen)) is not None:
+            out["mutual_info"] = mi
         return out
 
     def infer_for_eval(self, x: Tensor, generator: torch.Generator | None = None) -> EvalInference:
@@ -291,13 +300,17 @@ class ELBOModule(L.LightningModule):
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         """Per-epoch validation: IWAE-``k_val`` from the method's q, logged as ``val_epoch/...`` (the final ``val/...``
         numbers are the configured estimator with ``k_test``, after training)."""
-        out = self.evaluate_batch(batch, self.k_val, "val")
+        out = self.evaluate_batch(batch, self.k_val, "val", mutual_info=self.val_mutual_info)
         self.val_metrics.update(out, out.pop("z_mean"))
 
     def on_validation_epoch_end(self) -> None:
         out = self.val_metrics.compute("val_epoch")  # exact float64 means over the split, summed across DDP ranks
         if not self.trainer.sanity_checking:
             self.log_dict(out, sync_dist=False)
+            self.after_validation(out)
+
+    def after_validation(self, out: dict[str, float]) -> None:
+        """Hook: this epoch's per-epoch validation values ``{"val_epoch/<name>": value}`` (same on every rank)."""
 
     # --- images ---------------------------------------------------------------------------------------------------
     @torch.no_grad()

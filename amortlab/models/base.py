@@ -26,6 +26,7 @@ class GenerativeModel(nn.Module):
     ``mean``; ``latent_dims`` is a tuple of ints."""
 
     latent_dims: tuple[int, ...] = ()
+    standard_normal_prior: bool = False  # p(z) = N(0, I) (closed-form KL terms of a Gaussian q)
 
     @property
     def z_dim(self) -> int:

@@ -16,6 +16,8 @@ class FlatLatentModel(GenerativeModel):
             and ``init_output_bias(x_mean)`` (start the output at the data mean; a no-op where it has no meaning).
     """
 
+    standard_normal_prior = True
+
     def __init__(self, decoder: nn.Module):
         super().__init__()
         self.decoder = decoder

@@ -84,11 +84,11 @@ def _convert(stacked: nn.Module, members: Sequence[nn.Module], path: str) -> Non
     for name, child in list(stacked.named_children()):
         peers = [getattr(m, name) for m in members]
         where = f"{path}.{name}" if path else name
-        if isinstance(child, nn.Linear) or (isinstance(child, Dense) and child.n_points is None):
+        if isinstance(child, Dense) and child.n_points is not None:
+            raise AmortlabError(f"stacking cannot stack the per-point layer {where}.")
+        if isinstance(child, nn.Linear) or type(child) is Dense:  # not a MaskedDense (its mask would be lost)
             setattr(stacked, name, _stacked_linear(peers))
             continue
-        if isinstance(child, Dense):
-            raise AmortlabError(f"stacking cannot stack the per-point layer {where}.")
         own = [n for n, _ in child.named_parameters(recurse=False)] + [
             n for n, _ in child.named_buffers(recurse=False) if n not in child._non_persistent_buffers_set]
         if own:

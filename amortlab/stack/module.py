@@ -142,7 +142,7 @@ def stack_method(members: Sequence, rng_states: Sequence[tuple[Tensor, Tensor | 
     if not getattr(type(first), "stackable", False):
         raise AmortlabError(
             f"stack.seeds trains several models as one computation for inference=amortized (VAE / IWAE-k, every "
-            f"encoder regularizer and posterior family, one or several stochastic layers) and inference=ladder; "
+            f"encoder regularizer, posterior=gaussian|flow, one or several stochastic layers) and inference=ladder; "
             f"{type(first).__name__} (method {first.method_name}) is not "
             f"stackable yet. Drop stack.seeds (one run per seed), or in sweep.py set the study's stack: false.")
     if any(type(m) is not type(first) for m in members):

@@ -184,6 +184,7 @@ def _run_stacked(cfg: DictConfig, plan: list[Member], records: list[RunRecord], 
         check_data(c, r.results["data"]["train_size"])
         with open_dict(c):
             c.x_dim = member_dm.x_dim
+            c.image_shape = list(member_dm.image_shape)
         module = build_module(c)
         module.init_output_bias(member_dm.train_mean)
         members.append(module)

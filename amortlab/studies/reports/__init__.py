@@ -21,6 +21,7 @@ REPORTS = {
     "gaps": "amortlab.studies.reports.gaps.GapsReport",
     "methods": "amortlab.studies.reports.methods.MethodsReport",
     "bound_vs_k": "amortlab.studies.reports.bound_vs_k.BoundVsKReport",
+    "nll_vs_time": "amortlab.studies.reports.tradeoff.NLLvsTimeReport",
 }
 
 

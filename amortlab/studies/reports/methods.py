@@ -16,6 +16,7 @@ METHOD_COLUMNS = (("test/nll", "test NLL"), ("test/nll_iwae", "NLL, IWAE from th
                   ("test/neg_elbo_encoder", "-ELBO (encoder's q)"), ("test/gap/amortization", "amortization gap"),
                   ("test/inference_gap", "inference gap"), ("test/active_units", "active units"),
                   ("test/active_units/z1", "active units z1"), ("test/active_units/z2", "active units z2"),
+                  ("test/kl", "KL(q || p(z))"), ("test/mutual_info", "mutual information I_q(x; z)"),
                   ("test/infer_seconds", "inference ms / point"))
 SCALE = {"test/infer_seconds": 1000.0}  # seconds -> ms
 
