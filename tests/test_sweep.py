@@ -216,7 +216,8 @@ def test_repository_studies_expand():
                                     "sa_vae_reduced": ["methods", "bound_vs_k"],
                                     "sa_vae_omniglot_paper": ["methods", "bound_vs_k"],
                                     "hierarchy_reduced": ["methods"],
-                                    "expressive_reduced": ["methods", "nll_vs_time"]}.get(name, []), name
+                                    "expressive_reduced": ["methods", "nll_vs_time"],
+                                    "collapse_reduced": ["methods"]}.get(name, []), name
         ks = {s.overrides.get("importance_samples") for s in settings}
         expected = {"air_reduced": {"k1"}, "air_strength": {"k1", "k8", "k64"}, "air_table1_mnist": {"k1", "k8", "k64"},
                     "air_table1_mnist_reduced": {"k1", "k8", "k64"},

@@ -87,7 +87,10 @@ class RecursiveMixtureVAE(ELBOModule):
                             f"sa_vae with a hierarchical model)")
         elif not issubclass(type(encoder).family, DiagGaussian):
             problems.append(f"the model's encoder gives a {type(encoder).family.__name__} q, but the mixture's "
-                            f"components are diagonal Gaussians (use posterior=gaussian)")
+                            f"components are diagonal Gaussians (use posterior=gaussian; RecMix's bound needs every "
+                            f"component's density at the other components' draws, which an IAF gives only through "
+                            f"Z*T inverse passes and a coupling flow not at all, so compare RecMix with "
+                            f"posterior=iaf as separate settings, as study=expressive_reduced does)")
         if problems:
             raise AmortlabError("inference=recursive_mixture cannot be built: " + "; ".join(problems) + ". Fix "
                                 "these values (see conf/inference/recursive_mixture.yaml for the defaults).")
