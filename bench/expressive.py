@@ -13,22 +13,16 @@ SA-VAE (K = 5) with that PixelCNN. Training: the library's ``training_loss`` wit
 """
 from __future__ import annotations
 
-import argparse
-import os
-import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from amortlab.build import build_from_overrides  # noqa: E402
-from inference_schemes import step_fn  # noqa: E402
+from scheme_timing import build_cases, interleaved_medians, parser  # noqa: E402
 
 SMALL_PIXELCNN = ["model=pixelcnn", "model.decoder.layers=3", "model.decoder.channels=16",
                   "model.decoder.out_channels=32"]
@@ -41,35 +35,15 @@ def cases(K: int) -> list[tuple[str, list[str]]]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=os.environ.get("AMORTLAB_DATA", str(ROOT.parent / "shared" / "data")))
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch", type=int, default=50)
+    p = parser(__doc__, steps=10, reps=3)
     p.add_argument("--K", type=int, default=5)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--reps", type=int, default=3)
     p.add_argument("--eval-n", type=int, default=50)
     p.add_argument("--eval-k", type=int, default=20)
-    p.add_argument("--quick", action="store_true")
     a = p.parse_args()
-    warnings.filterwarnings("ignore")
     if a.quick:
         a.steps, a.reps = 3, 2
-    torch.set_num_threads(a.threads)
-    steps, modules = {}, {}
-    for name, over in cases(a.K):
-        module, dm = build_from_overrides(["dataset=binarized_mnist", f"data_dir={a.data_dir}", "logger=none",
-                                           f"dataset.batch_size={a.batch}", *over])
-        xs = [dm.splits["train"][i * a.batch:(i + 1) * a.batch] for i in range(20)]
-        steps[name], modules[name] = step_fn(module, xs), (module, dm)
-        steps[name]()  # warm-up
-    times = {name: [] for name in steps}
-    for _ in range(a.reps):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            for _ in range(a.steps):
-                step()
-            times[name].append((time.perf_counter() - t0) / a.steps)
+    steps, modules = build_cases(cases(a.K), a)
+    times = interleaved_medians(steps, a.reps, a.steps)
     sample_us = {}
     for name, (module, dm) in modules.items():
         module.eval()
@@ -80,13 +54,13 @@ def main() -> None:
             t0 = time.perf_counter()
             module.log_weights(x, q, a.eval_k)
             sample_us[name] = 1e6 * (time.perf_counter() - t0) / (a.eval_k * a.eval_n)
-    base, base_s = statistics.median(times["flat VAE (MLP)"]), sample_us["flat VAE (MLP)"]
+    base, base_s = times["flat VAE (MLP)"], sample_us["flat VAE (MLP)"]
     print(f"binarized MNIST, batch {a.batch}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{a.reps} x {a.steps} steps per row (median, interleaved); evaluation {a.eval_k} samples x {a.eval_n} "
           f"points")
     print(f"{'model / scheme':<30}{'step ms':>10}{'x flat VAE':>12}{'eval us/sample/pt':>19}{'x flat VAE':>12}")
     for name in steps:
-        t = statistics.median(times[name])
+        t = times[name]
         print(f"{name:<30}{1000 * t:>10.2f}{t / base:>12.2f}{sample_us[name]:>19.2f}{sample_us[name] / base_s:>12.1f}")
 
 
