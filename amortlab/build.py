@@ -166,4 +166,5 @@ def build_from_overrides(overrides: list[str] | None = None):
     with open_dict(cfg):
         cfg.x_dim = dm.x_dim
         cfg.image_shape = list(dm.image_shape)
+        cfg.step_dim = getattr(dm, "step_dim", None)
     return build_module(cfg), dm

@@ -92,6 +92,7 @@ class Config:
     skip_if_done: bool = False  # return at once if the run dir already holds results.json with status ok (sweeps)
     x_dim: Optional[int] = None  # filled in from the dataset before the model is built
     image_shape: Optional[list[int]] = None  # (C, H, W), filled in from the dataset (convolutional models)
+    step_dim: Optional[int] = None  # size X of one time step, filled in from a sequence dataset (sequence models)
     name: Optional[str] = None  # run name (W&B); default: derived from method, dataset, regularizer, k
     group: Optional[str] = None  # W&B group (sweep.py sets it to the study name)
     tags: list[str] = field(default_factory=list)

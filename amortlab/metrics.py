@@ -85,10 +85,13 @@ class SplitMetrics(nn.Module):
     ``<split>/active_units/z1``, ``.../z2``, ... per layer) and resets.
 
     ``latent_dims``: (D_1, ..., D_L) of the model's layers (an int: one layer); ``z_mean`` is their concatenation.
+    ``ratios``: ``{name: (numerator, denominator)}`` reported as sum(numerator) / sum(denominator) over the split
+    (e.g. nats per time step of sequences of different lengths: ``nll_per_step = (nll, steps)``).
     """
 
-    def __init__(self, names, latent_dims: int | Sequence[int]):
+    def __init__(self, names, latent_dims: int | Sequence[int], ratios: dict[str, tuple[str, str]] | None = None):
         super().__init__()
+        self.ratios = dict(ratios or {})
         self.latent_dims = (int(latent_dims),) if isinstance(latent_dims, int) else tuple(int(d) for d in latent_dims)
         self.names: list[str] = []
         self.means = nn.ModuleDict()
@@ -112,6 +115,10 @@ class SplitMetrics(nn.Module):
 
     def compute(self, split: str) -> dict[str, float | int]:
         out: dict[str, float | int] = {}
+        for name, (num, den) in self.ratios.items():
+            a, b = self.means[_key(num)], self.means[_key(den)]
+            if a.update_count and b.update_count:
+                out[f"{split}/{name}"] = float(a.total / b.total)
         for name in self.names:
             metric = self.means[_key(name)]
             if metric.update_count:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 LOG_2PI = math.log(2.0 * math.pi)
+LOGVAR_MIN, LOGVAR_MAX = -15.0, 15.0  # the clamp on a learned log sigma^2 (sequence models and their filters)
 
 
 def log_mean_exp(x: Tensor, dim: int = 0) -> Tensor:

@@ -32,12 +32,12 @@ log = logging.getLogger("amortlab")
 
 # keys a resumed run may change when the command asks: how long it trains, how it is evaluated and logged
 RESUME_COMPATIBLE = ("trainer", "evaluation", "logger", "callbacks", "name", "group", "tags", "test", "train",
-                     "ckpt_path", "skip_if_done", "data_dir", "x_dim", "image_shape", "importance_samples.val",
-                     "importance_samples.test", "dataset.data_dir", "dataset.eval_batch_size", "dataset.download",
-                     "dataset.verify_checksum")
+                     "ckpt_path", "skip_if_done", "data_dir", "x_dim", "image_shape", "step_dim",
+                     "importance_samples.val", "importance_samples.test", "dataset.data_dir",
+                     "dataset.eval_batch_size", "dataset.download", "dataset.verify_checksum")
 # keys that belong to this invocation (this machine's data, this run directory's paths), never restored
-RUN_LOCAL = ("data_dir", "ckpt_path", "train", "test", "skip_if_done", "x_dim", "image_shape", "name", "group", "tags",
-             "logger", "callbacks", "dataset.data_dir", "dataset.download", "dataset.verify_checksum",
+RUN_LOCAL = ("data_dir", "ckpt_path", "train", "test", "skip_if_done", "x_dim", "image_shape", "step_dim", "name",
+             "group", "tags", "logger", "callbacks", "dataset.data_dir", "dataset.download", "dataset.verify_checksum",
              "trainer.default_root_dir")
 
 
@@ -175,6 +175,7 @@ def _run(cfg: DictConfig, out_dir: Path, record: RunRecord) -> dict[str, Any]:
     with open_dict(cfg):
         cfg.x_dim = dm.x_dim
         cfg.image_shape = list(dm.image_shape)
+        cfg.step_dim = getattr(dm, "step_dim", None)
         if cfg.trainer.get("enable_progress_bar") is None:  # on when a person watches a terminal
             cfg.trainer.enable_progress_bar = sys.stderr.isatty()
     module = build_module(cfg)

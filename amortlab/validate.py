@@ -105,7 +105,7 @@ def check_config(cfg: DictConfig) -> None:
     if unknown:
         problems.append(f"unknown top-level key(s) {unknown} (added with +KEY=...; nothing reads them): remove them "
                         f"(known keys: {', '.join(sorted(known - {'hydra'}))})")
-    problems += _layer_problems(cfg) + _conv_problems(cfg)
+    problems += _layer_problems(cfg) + _conv_problems(cfg) + _sequence_problems(cfg)
     for key, ok, allowed, example in RULES:
         if not _has(cfg, key):
             continue
@@ -146,6 +146,49 @@ def _conv_problems(cfg: DictConfig) -> list[str]:
         return ["encoder_size=... sets MLP layer widths, but this model's encoder is convolutional: drop it and set "
                 "the dense width with model.encoder.hidden=N"]
     return []
+
+
+_SEQUENCE_DATA = ("MovingMNISTDataModule", "LGSSMDataModule", "PolyphonicMusicDataModule")
+_SEQUENCE_METHODS = ("FilteringVAE", "AVF")
+_SEQUENCE_ESTIMATORS = ("iwae", "smc")
+
+
+def _name(cfg: DictConfig, key: str) -> str:
+    return str(_get(cfg, key) or "").rsplit(".", 1)[-1]
+
+
+def _sequence_problems(cfg: DictConfig) -> list[str]:
+    """Sequence datasets, sequence models (model=srnn|lgssm), the filtering schemes and evaluation=smc go together."""
+    seq_data = _name(cfg, "dataset._target_") in _SEQUENCE_DATA
+    seq_model = _has(cfg, "model.filter")
+    seq_method = _name(cfg, "inference._target_") in _SEQUENCE_METHODS
+    estimator = _name(cfg, "evaluation.estimator._target_").lower()
+    out = []
+    if seq_model and not seq_data:
+        out.append("the model is a sequence model (model=srnn or lgssm) but the dataset is not a sequence dataset: use "
+                   "dataset=moving_mnist, lgssm, jsb_chorales, piano_midi, musedata or nottingham")
+    if seq_data and not seq_model:
+        out.append("the dataset holds sequences (one row = T steps of [x_t, present flag]) but the model is static: "
+                   "use model=srnn (or model=lgssm with dataset=lgssm)")
+    if seq_model and not seq_method:
+        out.append(f"the inference scheme ({_name(cfg, 'inference._target_')}) is static; sequence models take "
+                   f"inference=filtering (a direct filter) or inference=avf (amortized variational filtering)")
+    if seq_method and not seq_model:
+        out.append("inference=filtering / avf need a sequence model (model=srnn or lgssm) and a sequence dataset")
+    if _name(cfg, "model.generative._target_") == "LinearGaussianSSM" and _name(cfg, "dataset._target_") != \
+            "LGSSMDataModule":
+        out.append("model=lgssm takes its parameters from dataset=lgssm; for other sequence data use model=srnn")
+    if seq_model and estimator and estimator not in _SEQUENCE_ESTIMATORS:
+        out.append(f"the estimator {_name(cfg, 'evaluation.estimator._target_')} refines or anneals a static per-point "
+                   f"q; sequence models are evaluated "
+                   f"with evaluation=iwae (IWAE-k over sequences) or evaluation=smc (a particle filter)")
+    if estimator == "smc" and not seq_model:
+        out.append("evaluation=smc is a particle filter over time steps: it needs a sequence model (model=srnn or "
+                   "lgssm); use evaluation=iwae for static models")
+    if seq_model and _get(cfg, "model.encoder") is not None:
+        out.append("posterior=... / encoder_size=... set a static encoder, which sequence models do not use: drop it "
+                   "(the filter is model.filter; AVF's update network is model.update_hidden)")
+    return out
 
 
 def check_data(cfg: DictConfig, train_size: int) -> None:

@@ -53,7 +53,7 @@ class ImagePanels(L.Callback):
         return bool(getattr(getattr(pl_module.model, "decoder", None), "autoregressive", False))
 
     def _panels(self, trainer: L.Trainer, pl_module, tag: str) -> None:
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or getattr(pl_module.model, "sequential", False):  # sequences: no panels yet
             return
         dm = trainer.datamodule
         shape = tuple(dm.image_shape)

@@ -4,7 +4,11 @@ from amortlab.data.binarized_mnist import BinarizedMNISTDataModule
 from amortlab.data.caltech import CaltechSilhouettesDataModule
 from amortlab.data.digits import DigitsDataModule
 from amortlab.data.idx import FashionMNISTDataModule, MNISTDataModule
+from amortlab.data.lgssm import LGSSMDataModule
+from amortlab.data.moving_mnist import MovingMNISTDataModule
+from amortlab.data.music import PolyphonicMusicDataModule
 from amortlab.data.omniglot import OmniglotDataModule
+from amortlab.data.sequence import SequenceDataModule, pack_sequences, unpack_steps
 
 __all__ = [
     "TensorDataModule",
@@ -14,4 +18,10 @@ __all__ = [
     "CaltechSilhouettesDataModule",
     "MNISTDataModule",
     "FashionMNISTDataModule",
+    "SequenceDataModule",
+    "pack_sequences",
+    "unpack_steps",
+    "MovingMNISTDataModule",
+    "PolyphonicMusicDataModule",
+    "LGSSMDataModule",
 ]

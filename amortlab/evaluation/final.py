@@ -26,7 +26,8 @@ class FinalEvaluation(L.LightningModule):
         super().__init__()
         estimator.check(method)
         self.method, self.split, self.k, self.estimator = method, split, int(k), estimator
-        self.split_metrics = SplitMetrics(method.eval_metric_names(estimator), method.model.latent_dims)
+        self.split_metrics = SplitMetrics(method.eval_metric_names(estimator), method.model.latent_dims,
+                                          getattr(method, "eval_ratios", None))
         self.results: dict[str, Any] = {}
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:

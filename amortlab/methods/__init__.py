@@ -10,3 +10,7 @@ from amortlab.methods.ladder import LadderVAE  # noqa: E402
 from amortlab.methods.recursive_mixture import RecursiveMixtureVAE  # noqa: E402
 
 __all__ += ["AggressiveVAE", "IterativeVAE", "LadderVAE", "RecursiveMixtureVAE"]
+from amortlab.methods.avf import AVF  # noqa: E402
+from amortlab.methods.filtering import FilteringVAE, SequenceELBOModule  # noqa: E402
+
+__all__ += ["SequenceELBOModule", "FilteringVAE", "AVF"]

@@ -185,6 +185,7 @@ def _run_stacked(cfg: DictConfig, plan: list[Member], records: list[RunRecord], 
         with open_dict(c):
             c.x_dim = member_dm.x_dim
             c.image_shape = list(member_dm.image_shape)
+            c.step_dim = getattr(member_dm, "step_dim", None)
         module = build_module(c)
         module.init_output_bias(member_dm.train_mean)
         members.append(module)
