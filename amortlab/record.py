@@ -144,6 +144,17 @@ def summary(results: dict[str, Any], path: Path) -> str:
     if layers:  # several stochastic layers: AU per layer (z1 nearest the data)
         lines.append("active units per layer (test): " + ", ".join(f"{z} {m[f'test/active_units/{z}']}"
                                                                    for z in layers))
+    if "test/nll_per_step" in m:  # sequences: the same numbers per time step, and the AVF updates
+        per = [f"{label} {m[key]:.3f}" for key, label in (
+            ("test/nll_per_step", "NLL"), ("test/nll_iwae_per_step", "NLL (IWAE)"),
+            ("test/neg_elbo_per_step", "-ELBO"), ("test/kl_per_step", "KL"), ("test/nll_kalman_per_step", "exact"))
+            if isinstance(m.get(key), float) and math.isfinite(m[key])]
+        lines.append(f"per step (test, {m.get('test/steps', 0):.1f} steps per sequence): " + ", ".join(per)
+                     + f"; inference {1e3 * m.get('test/infer_seconds_per_step', 0.0):.3f} ms per step")
+        upd = sorted((int(k.rsplit("/", 1)[1]), v) for k, v in m.items() if k.startswith("test/neg_elbo_step/"))
+        if upd:
+            lines.append("-ELBO after each AVF update (test, per sequence): "
+                         + ", ".join(f"{i}: {v:.3f}" for i, v in upd))
     lines += [
         f"time: fit {t.get('fit_s', 0):.1f}s ({t.get('train_images_per_s') or 0:.0f} img/s), "
         f"eval val {t.get('val_s', 0):.1f}s + test {t.get('test_s', 0):.1f}s"

@@ -22,6 +22,7 @@ from amortlab.evaluation.smc import smc_log_likelihood, systematic_resample
 from amortlab.metrics import SplitMetrics
 from amortlab.models import SRNN, LinearGaussianSSM
 from amortlab.models.sequence import gaussian_log_prob, split_rows
+from amortlab.objectives import k_sample_bound
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -146,6 +147,14 @@ def test_bounds_lie_below_kalman_and_tighten(direct_filter):
         iwae100 = float(_estimate(model, module.sample_step, x, mask, 100, 0.0, reps=2, seed=3, prep=prep).mean())
         smc100 = float(_estimate(model, module.sample_step, x, mask, 100, 0.5, reps=2, seed=4, prep=prep).mean())
     assert elbo < iwae10 < iwae100 < kal
+    # the method's own path (ancestral scan, then every step scored at once) against the step-by-step weights above
+    rows, g = dm.splits["test"][:100], torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        q = module.infer(rows)
+        own_elbo = float(torch.stack([module.log_weights(rows, q, 1, g)[0] for _ in range(10)]).mean())
+        own_iwae100 = float(torch.stack([k_sample_bound(module.log_weights(rows, q, 100, g))
+                                         for _ in range(2)]).mean())
+    assert own_elbo == pytest.approx(elbo, abs=0.6) and own_iwae100 == pytest.approx(iwae100, abs=0.3)
     assert iwae100 < smc100 <= kal + 0.05  # resampling helps; the estimate is unbiased in p, so below in log
     assert kal - smc100 < 1.0
 
@@ -296,3 +305,33 @@ def test_cli_avf_on_lgssm_reports_per_step_results_and_the_exact_value(tmp_path)
         assert math.isfinite(m[f"test/neg_elbo_step/{i}"])
     assert m["test/nll_kalman"] <= m["test/nll"] + 0.05 <= m["test/nll_iwae"] + 0.05 <= m["test/neg_elbo"] + 0.05
     assert 0 < m["test/smc_ess"] <= 1 and m["test/infer_seconds_per_step"] > 0
+
+
+@pytest.mark.slow
+def test_cli_music_paper_config_runs_when_the_file_is_present(tmp_path):
+    """experiment=avf_music is ready for the real corpus: with a small pickle in the canonical format under the
+    canonical name, the paper configuration (shrunk) trains and evaluates whole, ragged pieces with SMC."""
+    from tests.test_sequence_data import write_music
+
+    rng = torch.Generator().manual_seed(0)
+
+    def piece(n):
+        return [tuple(int(v) for v in torch.randint(21, 109, (3,), generator=rng)) for _ in range(n)]
+
+    write_music(tmp_path, "jsb_chorales", {"train": [piece(6 + i % 5) for i in range(20)],
+                                           "valid": [piece(7), piece(9)], "test": [piece(5), piece(8), piece(10)]})
+    cmd = [sys.executable, str(ROOT / "train.py"), "experiment=avf_music", "dataset=jsb_chorales", "inference=avf",
+           "inference.steps=2", f"data_dir={tmp_path}", "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=1",
+           "model.generative.z_dim=4", "model.generative.rnn_dim=8", "model.generative.hidden=[8]",
+           "model.update_hidden=[8]", "importance_samples.test=20", "dataset.batch_size=4", "logger=none",
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    r = json.loads((tmp_path / "run" / "results.json").read_text())
+    m = r["metrics"]
+    assert r["data"]["steps"] == 10 and m["test/n_points"] == 3
+    assert m["test/steps"] == pytest.approx((5 + 8 + 10) / 3)  # padding steps are not counted
+    assert m["test/nll_per_step"] == pytest.approx(m["test/nll"] * 3 / 23)  # total over total steps
+    assert m["test/nll_per_step"] < 88 * math.log(2)  # better than a fair coin per key
+    assert "-ELBO after each AVF update" in proc.stdout + proc.stderr

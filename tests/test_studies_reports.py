@@ -93,7 +93,7 @@ def test_unknown_report_is_a_readable_error(tmp_path, capsys):
 
 
 def test_registered_reports_are_built_by_name():
-    assert set(REPORTS) == {"gaps", "methods", "bound_vs_k", "nll_vs_time"}
+    assert set(REPORTS) == {"gaps", "methods", "bound_vs_k", "nll_vs_time", "sequence"}
     built = build_reports(list(REPORTS))
     assert [r.name for r in built] == list(REPORTS)
     assert isinstance(built[0], GapsReport)
@@ -127,3 +127,37 @@ def test_nll_vs_time_report_names_the_best_on_each_axis_and_the_front(tmp_path):
     assert (out / "nll_vs_time.png").stat().st_size > 0
     assert pareto([("x", 1.0, 5.0), ("y", 1.0, 5.0), ("z", 2.0, 4.0)]) == ["x", "y", "z"]  # ties beat nobody
     assert NLLvsTimeReport().write([], out) == {}
+
+
+def test_sequence_report_gives_per_step_numbers_and_the_elbo_after_each_update(tmp_path):
+    """A direct filter and an AVF with 2 updates (two seeds each, 10 steps per sequence): the per-step cells against
+    means / stds of the per-seed values written here, the -ELBO per step after each update (per-sequence values / 10)
+    and the best / fastest settings."""
+    from amortlab.studies.reports.sequence import SequenceReport
+    out = tmp_path / "out"
+    runs = {"filt": [{"test/nll_per_step": 50.0, "test/neg_elbo_per_step": 52.0, "test/infer_seconds_per_step": 1e-4},
+                     {"test/nll_per_step": 51.0, "test/neg_elbo_per_step": 53.0, "test/infer_seconds_per_step": 1e-4}],
+            "avf2": [{"test/nll_per_step": 49.0, "test/neg_elbo_per_step": 50.0, "test/infer_seconds_per_step": 3e-4,
+                      "test/neg_elbo_step/0": 600.0, "test/neg_elbo_step/1": 510.0, "test/neg_elbo_step/2": 500.0},
+                     {"test/nll_per_step": 49.0, "test/neg_elbo_per_step": 50.0, "test/infer_seconds_per_step": 3e-4,
+                      "test/neg_elbo_step/0": 620.0, "test/neg_elbo_step/1": 530.0, "test/neg_elbo_step/2": 500.0}]}
+    for sid, seeds in runs.items():
+        for seed, metrics in enumerate(seeds):
+            d = out / "runs" / sid / f"seed{seed}"
+            d.mkdir(parents=True)
+            axes = {"method": "filtering" if sid == "filt" else "avf", "regularizer": "none", "strength": None, "k": 1}
+            (d / "results.json").write_text(json.dumps({"status": "ok", "metrics": {**metrics, "test/steps": 10.0},
+                                                        "axes": axes, "config": {"seed": seed}}))
+    path = tmp_path / "study.yaml"
+    names = sorted({k for seeds in runs.values() for m in seeds for k in m} | {"test/steps"})
+    path.write_text("name: t\nseeds: [0, 1]\nsettings:\n  - {id: filt, inference: filtering}\n"
+                    "  - {id: avf2, inference: avf}\n" + f"metrics: [{', '.join(names)}]\nreports: [sequence]\n")
+    assert main([f"study_file={path}", f"out_dir={out}", "collect_only=true"]) == 0
+    text = (out / "sequence.md").read_text()
+    assert "| filt | filtering | 2 | 50.50 ± 0.71 | 52.50 ± 0.71 | 0.100 ± 0.000 | – | – | – |" in text
+    row = ("| avf2 | avf | 2 | 49.00 ± 0.00 | 50.00 ± 0.00 | 0.300 ± 0.000 | 61.00 ± 1.41 | 52.00 ± 1.41 "
+           "| 50.00 ± 0.00 |")
+    assert row in text
+    assert "Lowest -log p(x) per step: avf2. Fastest inference: filt." in text
+    assert (out / "sequence.png").stat().st_size > 0
+    assert SequenceReport().write([], out) == {}

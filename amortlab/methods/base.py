@@ -275,12 +275,7 @@ class ELBOModule(L.LightningModule):
             out["neg_elbo_encoder"] = -iwae_estimate(lambda n: self.log_weights(x, q_enc, n, gen), k, chunk)[1]
             out["neg_elbo_refined"] = -elbo
         out.update(inference.metrics)
-        if estimator is not None:
-            est = estimator(EvalBatch(self, x, q, k, self.eval_rows, gen, log_px))
-            out.update(est.metrics)
-            log_px = est.log_px
-        out["nll"] = -log_px
-        out["inference_gap"] = out["neg_elbo"] - out["nll"]
+        self.apply_estimator(out, estimator, EvalBatch(self, x, q, k, self.eval_rows, gen, log_px))
         if inference.after is not None:
             out.update(inference.after())
         # a fresh generator, so the numbers above keep their noise stream
@@ -290,6 +285,18 @@ class ELBOModule(L.LightningModule):
         if mutual_info and (mi := mutual_information(q, gen)) is not None:
             out["mutual_info"] = mi
         return out
+
+    @staticmethod
+    def apply_estimator(out: dict[str, Tensor], estimator: Estimator | None, batch: EvalBatch) -> None:
+        """``nll`` = -log p_hat(x) of ``estimator`` on ``batch`` (None: the IWAE-k estimate already drawn) with the
+        estimator's own values, and ``inference_gap`` = neg_elbo - nll, into ``out``."""
+        log_px = batch.log_px_iwae
+        if estimator is not None:
+            est = estimator(batch)
+            out.update(est.metrics)
+            log_px = est.log_px
+        out["nll"] = -log_px
+        out["inference_gap"] = out["neg_elbo"] - out["nll"]
 
     def infer_for_eval(self, x: Tensor, generator: torch.Generator | None = None) -> EvalInference:
         """The q used at evaluation time (``EvalInference``); methods that refine q at test time override this (any

@@ -190,12 +190,7 @@ class SequenceELBOModule(ELBOModule):
         log_px, elbo = iwae_estimate(lambda n: self.log_weights(x_rows, q, n, gen), k, chunk)
         out = {"nll_iwae": -log_px, "neg_elbo": -elbo, "steps": steps,
                "infer_seconds": torch.full_like(elbo, seconds, dtype=torch.float64)}
-        if estimator is not None:
-            est = estimator(EvalBatch(self, x_rows, q, k, self.eval_rows, gen, log_px))
-            out.update(est.metrics)
-            log_px = est.log_px
-        out["nll"] = -log_px
-        out["inference_gap"] = out["neg_elbo"] - out["nll"]
+        self.apply_estimator(out, estimator, EvalBatch(self, x_rows, q, k, self.eval_rows, gen, log_px))
         # diagnostics from their own stream, so the numbers above keep their draws
         gen = self.eval_generator(batch, split, stream=1)
         q.rsample_with_log_prob(KL_SAMPLES, gen)

@@ -22,6 +22,7 @@ REPORTS = {
     "methods": "amortlab.studies.reports.methods.MethodsReport",
     "bound_vs_k": "amortlab.studies.reports.bound_vs_k.BoundVsKReport",
     "nll_vs_time": "amortlab.studies.reports.tradeoff.NLLvsTimeReport",
+    "sequence": "amortlab.studies.reports.sequence.SequenceReport",
 }
 
 
