@@ -29,14 +29,15 @@ def parser(doc: str, steps: int, reps: int) -> argparse.ArgumentParser:
     return p
 
 
-def build_cases(cases: list[tuple[str, list[str]]], a: argparse.Namespace, warmup: int = 1):
-    """``{name: step()}`` and ``{name: (module, datamodule)}``: binarized MNIST at ``a.batch``, each case's
-    overrides; ``warmup`` steps each."""
+def build_cases(cases: list[tuple[str, list[str]]], a: argparse.Namespace, warmup: int = 1,
+                base: tuple[str, ...] = ("dataset=binarized_mnist",)):
+    """``{name: step()}`` and ``{name: (module, datamodule)}``: ``base`` overrides (binarized MNIST) at ``a.batch``,
+    each case's overrides; ``warmup`` steps each."""
     warnings.filterwarnings("ignore")
     torch.set_num_threads(a.threads)
     steps, modules = {}, {}
     for name, over in cases:
-        module, dm = build_from_overrides(["dataset=binarized_mnist", f"data_dir={a.data_dir}", "logger=none",
+        module, dm = build_from_overrides([*base, f"data_dir={a.data_dir}", "logger=none",
                                            f"dataset.batch_size={a.batch}", *over])
         xs = [dm.splits["train"][i * a.batch:(i + 1) * a.batch] for i in range(20)]
         steps[name], modules[name] = step_fn(module, xs), (module, dm)

@@ -129,9 +129,9 @@ def direct_filter():
     return _train(["inference=filtering"], epochs=12)
 
 
-@pytest.fixture(scope="module")
-def avf2():
-    return _train(["inference=avf", "inference.steps=2"], epochs=4)
+@pytest.fixture(scope="module", params=["gradient", "error"])
+def avf2(request):
+    return _train(["inference=avf", "inference.steps=2", f"inference.encoding={request.param}"], epochs=4)
 
 
 def test_bounds_lie_below_kalman_and_tighten(direct_filter):
@@ -178,6 +178,8 @@ def test_trained_direct_filter_approaches_the_optimal_filtering_bound(direct_fil
 
 
 def test_avf_steps_do_not_lower_the_bound(avf2):
+    """Either encoding (gradient of the step's term, or the prediction errors): after training, every update
+    improves the filtering bound of its step, and the last one does not undo the first."""
     module, dm = avf2
     with torch.no_grad():
         out = module.evaluate_batch(Batch(dm.splits["test"][:200], 0), 10, "test")

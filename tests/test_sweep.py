@@ -217,7 +217,8 @@ def test_repository_studies_expand():
                                     "sa_vae_omniglot_paper": ["methods", "bound_vs_k"],
                                     "hierarchy_reduced": ["methods"],
                                     "expressive_reduced": ["methods", "nll_vs_time"],
-                                    "collapse_reduced": ["methods"]}.get(name, []), name
+                                    "collapse_reduced": ["methods"], "avf_reduced": ["sequence"],
+                                    "avf_music_paper": ["sequence"]}.get(name, []), name
         ks = {s.overrides.get("importance_samples") for s in settings}
         expected = {"air_reduced": {"k1"}, "air_strength": {"k1", "k8", "k64"}, "air_table1_mnist": {"k1", "k8", "k64"},
                     "air_table1_mnist_reduced": {"k1", "k8", "k64"},
@@ -234,7 +235,7 @@ def test_repository_study_settings_build():
         study = load_study(name)
         for s in expand(study):
             overrides = [*study.get("base", []), *(f"{k}={override_value(v)}" for k, v in s.overrides.items()),
-                         "logger=none", "x_dim=784", "data_dir=/nonexistent"]
+                         "logger=none", "x_dim=784", "step_dim=88", "data_dir=/nonexistent"]
             module = build_module(compose_config(overrides))
             assert module.k_train >= 1, (name, s.id)
 

@@ -1,15 +1,21 @@
 """Amortized variational filtering (Marino, Cvitkovic & Yue 2018), ``inference=avf``.
 
 At every step t the filter starts at the model's prediction and takes ``steps`` learned iterative updates of
-lambda_t = (mu, log sigma^2) ``[k, B, 2Z]`` from the gradient of that step's term of the filtering bound,
+lambda_t = (mu, log sigma^2) ``[k, B, 2Z]`` that read how good the current estimate is for that step's term of the
+filtering bound,
 
     L_t(lambda) = E_{z_t ~ q_lambda}[log p(x_t | z_t, c_t)] - KL(q_lambda(z_t) || p(z_t | z_{t-1}, c_t))
-    lambda^0 = (mu_p, lv_p),   (a, delta) = f_phi(x_t - x_bar, log(|grad L_t| + 1e-5), sign(grad L_t), lambda^i),
+    lambda^0 = (mu_p, lv_p),   (a, delta) = f_phi(x_t - x_bar, e_t(lambda^i), lambda^i),
     lambda^{i+1} = sigmoid(a) * lambda^i + (1 - sigmoid(a)) * delta        (log sigma^2 clamped to [-15, 15])
 
-(the gradient encoding of the static ``inference=iterative``; first-order: inputs detached, theta held constant in
-the gradient, which comes from ``n_grad_samples`` reparameterised draws and the closed-form KL). z_t is drawn from
-the final lambda^S and the next step predicts from it.
+with the encodings of the static ``inference=iterative`` (first-order: every input detached):
+
+- ``encoding=gradient``: e_t = [log(|grad_lambda L_t| + 1e-5), sign(grad_lambda L_t)], the gradient from
+  ``n_grad_samples`` reparameterised draws and the closed-form KL, theta held constant;
+- ``encoding=error``: e_t = [x_t - mean_s E[x_t | z_s, c_t], mean_s (mu_p - z_s) / sigma_p] for s = 1..n_grad_samples
+  draws z_s ~ q_lambda (the observation's and the state's prediction errors).
+
+z_t is drawn from the final lambda^S and the next step predicts from it.
 
 Training (one backward pass): theta and phi minimise -L_k of the final filter (the bound over sequences of
 ``amortlab.methods.filtering``); phi also gets (1/S) sum_{i<S} sum_t -L_t(lambda^i_t) (intermediate iterates scored
@@ -34,26 +40,30 @@ from amortlab.models.sequence import LOGVAR_MAX, LOGVAR_MIN, gaussian_kl
 from amortlab.nets.sequence import SplitMLP
 from amortlab.objectives import k_sample_bound, log_weights
 
+ENCODINGS = ("gradient", "error")
+
 
 class AVF(SequenceELBOModule):
     """Amortized variational filtering (module docstring).
 
     Args:
-        model: the sequence model. steps: S >= 1 updates per time step. hidden, activation: the update network.
-        n_grad_samples: draws behind each gradient input.
+        model: the sequence model. steps: S >= 1 updates per time step. encoding: ``gradient`` | ``error``.
+        hidden, activation: the update network. n_grad_samples: draws behind each gradient (or error) input.
     """
 
     method_name = "avf"
 
-    def __init__(self, steps: int = 1, hidden: Sequence[int] = (256,), activation: str = "elu",
-                 n_grad_samples: int = 1, **kwargs):
-        if int(steps) < 1 or int(n_grad_samples) < 1:
-            raise AmortlabError(f"inference=avf needs steps >= 1 and n_grad_samples >= 1 (got inference.steps={steps}, "
-                                f"inference.n_grad_samples={n_grad_samples}); Marino et al. use 1 to 5 steps.")
+    def __init__(self, steps: int = 1, encoding: str = "gradient", hidden: Sequence[int] = (256,),
+                 activation: str = "elu", n_grad_samples: int = 1, **kwargs):
+        if int(steps) < 1 or int(n_grad_samples) < 1 or encoding not in ENCODINGS:
+            raise AmortlabError(f"inference=avf needs steps >= 1, n_grad_samples >= 1 and encoding in "
+                                f"{', '.join(ENCODINGS)} (got inference.steps={steps}, inference.n_grad_samples="
+                                f"{n_grad_samples}, inference.encoding={encoding!r}); Marino et al. use 1 to 5 steps.")
         super().__init__(**kwargs)
-        self.S, self.n_grad_samples = int(steps), int(n_grad_samples)
-        Z = self.z_dim
-        self.update_net = SplitMLP(self.model.step_dim, 6 * Z, list(hidden), 4 * Z, activation)
+        self.S, self.n_grad_samples, self.encoding = int(steps), int(n_grad_samples), encoding
+        Z, X = self.z_dim, self.model.step_dim
+        state = 6 * Z if encoding == "gradient" else X + 3 * Z
+        self.update_net = SplitMLP(X, state, list(hidden), 4 * Z, activation)
         self.register_eval_metrics(*[f"neg_elbo_step/{i}" for i in range(self.S + 1)])
 
     def step_term(self, x_t: Tensor, c_t: Tensor, lam: Tensor, mu_p: Tensor, lv_p: Tensor, n: int,
@@ -66,6 +76,25 @@ class AVF(SequenceELBOModule):
         log_px = self.model.call_frozen("log_emission", *args) if frozen else self.model.log_emission(*args)
         return log_px.mean(0) - gaussian_kl(mu, lv, mu_p, lv_p)
 
+    def encode(self, x_t: Tensor, c_t: Tensor, lam: Tensor, mu_p: Tensor, lv_p: Tensor,
+               generator: torch.Generator | None) -> Tensor:
+        """The detached state input of an update for lambda ``[k, B, 2Z]`` (module docstring): ``[k, B, 6Z]``
+        (gradient) or ``[k, B, X + 3Z]`` (error)."""
+        if self.encoding == "gradient":
+            with local_grad():
+                leaf = lam.clone().requires_grad_(True)
+                term = self.step_term(x_t.detach().clone(), c_t.detach().clone(), leaf, mu_p.clone(), lv_p.clone(),
+                                      self.n_grad_samples, generator, frozen=True)
+                (grad,) = torch.autograd.grad(term.sum(), leaf)  # per sequence and trajectory
+            return torch.cat([torch.log(grad.abs() + 1e-5), torch.sign(grad), lam], -1)
+        with torch.no_grad():
+            mu, lv = lam.chunk(2, -1)
+            eps = torch.randn((self.n_grad_samples, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
+            z = mu + torch.exp(0.5 * lv) * eps  # [n, k, B, Z]
+            eps_x = x_t - self.model.emission_mean(z, c_t).mean(0)
+            eps_z = ((mu_p - z) * torch.exp(-0.5 * lv_p)).mean(0)
+        return torch.cat([eps_x, eps_z, lam], -1)
+
     def prepare(self, x: Tensor, c: Tensor) -> Tensor:
         return self.update_net.data_features(x - self.x_center)  # [B, T, H1]
 
@@ -76,12 +105,7 @@ class AVF(SequenceELBOModule):
         lams = [lam]
         training = torch.is_grad_enabled()
         for _ in range(self.S):
-            with local_grad():
-                leaf = lam.detach().clone().requires_grad_(True)
-                term = self.step_term(x_t.detach().clone(), c_t.detach().clone(), leaf, mu_p.detach().clone(),
-                                      lv_p.detach().clone(), self.n_grad_samples, generator, frozen=True)
-                (grad,) = torch.autograd.grad(term.sum(), leaf)  # per sequence and trajectory
-            inputs = torch.cat([torch.log(grad.abs() + 1e-5), torch.sign(grad), lam.detach()], -1)
+            inputs = self.encode(x_t, c_t, lam.detach(), mu_p.detach(), lv_p.detach(), generator)
             a, delta = self.update_net(prep[:, t], inputs).chunk(2, -1)
             g = torch.sigmoid(a)
             lam = g * lam.detach() + (1.0 - g) * delta
@@ -122,7 +146,7 @@ class AVF(SequenceELBOModule):
         return {f"neg_elbo_step/{i}": -v.mean(0) for i, v in enumerate(q_sum)}
 
     def tags(self) -> list[str]:
-        return [f"avf{self.S}", *super().tags(), f"steps:{self.S}"]
+        return [f"avf{self.S}", *super().tags(), f"steps:{self.S}", f"encoding:{self.encoding}"]
 
     def axes(self) -> dict[str, Any]:
-        return {**super().axes(), "steps": self.S}
+        return {**super().axes(), "steps": self.S, "encoding": self.encoding}
