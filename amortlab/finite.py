@@ -37,6 +37,7 @@ class FiniteGuard:
         self.deferred = False
         self.optimizer: torch.optim.Optimizer | None = None
         self.first_bad: Tensor | None = None  # on the device: the first non-finite global step, -1 while none
+        self.read_step = 0
 
     def start(self, module, shape: tuple[int, ...] = ()) -> None:
         """Resolve ``auto`` for the module's device and optimiser (``on_train_start``); ``shape`` of the losses
@@ -49,6 +50,7 @@ class FiniteGuard:
                                 "inference.finite_check=step.")
         self.deferred = self.mode == "deferred" or (self.mode == "auto" and module.device.type == "cuda" and fused)
         self.first_bad = torch.full(shape, -1, dtype=torch.long, device=module.device)
+        self.read_step = module.global_step  # the step at which the deferred flag was last read
 
     def observe(self, module, loss: Tensor, batch_idx: int) -> None:
         """After the loss of a training step is formed (before its backward)."""
@@ -73,8 +75,15 @@ class FiniteGuard:
     def due(self, module, batch_idx: int) -> bool:
         """Whether the deferred flag is read at the end of this training batch (every ``log_every_n_steps`` steps
         and at the epoch's last batch)."""
+        if not self.deferred:
+            return False
         last = batch_idx + 1 >= module.trainer.num_training_batches
-        return self.deferred and (last or module.global_step % module.log_every_n_steps == 0)
+        n = module.log_every_n_steps
+        # a fused training step (inference.fused_steps) advances several steps: read when a multiple was crossed
+        due = last or module.global_step // n > self.read_step // n
+        if due:
+            self.read_step = module.global_step
+        return due
 
     def check(self, module, batch_idx: int) -> None:
         """At the end of a training batch: read the device flag at the deferred mode's cadence."""

@@ -20,6 +20,7 @@ from amortlab.build import (build_callbacks, build_logger, build_module, command
                             load_checkpoint_config, load_weights, quiet_lightning, run_name)
 from amortlab.callbacks import Throughput
 from amortlab.data.download import default_data_dir
+from amortlab.data.fused import fused_fit
 from amortlab.errors import AmortlabError
 from amortlab.logging import describe_logger
 from amortlab.record import RunRecord, checkpoint_paths, final_evaluation, sigterm_as_interrupt, summary
@@ -187,7 +188,9 @@ def _run(cfg: DictConfig, out_dir: Path, record: RunRecord) -> dict[str, Any]:
     validates = cfg.trainer.get("limit_val_batches") not in (0, 0.0)
     callbacks = record.callbacks = build_callbacks(cfg, validates)
     logger = record.logger = build_logger(cfg, module, dm.name)
-    trainer: L.Trainer = instantiate_group(cfg.trainer, "trainer", logger=logger, callbacks=list(callbacks.values()))
+    fit_data, fused = fused_fit(dm, module.fused_steps, cfg.trainer)
+    trainer: L.Trainer = instantiate_group(cfg.trainer, "trainer", logger=logger, callbacks=list(callbacks.values()),
+                                           **fused)
     if logger:
         logger.log_hyperparams(module.run_config)
 
@@ -196,7 +199,7 @@ def _run(cfg: DictConfig, out_dir: Path, record: RunRecord) -> dict[str, Any]:
         t0 = time.perf_counter()
         with sigterm_as_interrupt():
             try:
-                trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
+                trainer.fit(module, datamodule=fit_data, ckpt_path=cfg.ckpt_path)
             except SystemExit:  # Lightning's answer to Ctrl-C: clean up, then exit(1)
                 if not trainer.interrupted:
                     raise

@@ -20,9 +20,10 @@ the single run's rate in aggregate); both through ``run`` with the default callb
 >= 1.8x at batch 20 and >= 1.3x at batch 100.
 
 Paper overlays (``burda``, ``cremer``, ``air``; issue 17): the overlay itself through ``amortlab.run.run`` with
-``test=false`` (its own batch size, callbacks, checkpoint and validation cadence; a few epochs of
-``--overlay-batches`` steps), training images/s as results.json reports it (``Throughput``: training epochs including
-their checkpoint writes, validation excluded), beside the reference loop at the overlay's batch size and k.
+``test=false`` (its own batch size, callbacks, checkpoint and validation cadence, its ``inference.fused_steps``; a
+few epochs of ``--overlay-batches`` steps), training images/s as results.json reports it (``Throughput``: training
+epochs including their checkpoint writes, validation excluded), beside the reference loop at the overlay's batch
+size and k. ``burda_unfused``/``cremer_unfused``: the same with ``inference.fused_steps=1`` (Lightning's own loop).
 """
 from __future__ import annotations
 
@@ -100,14 +101,17 @@ def run_library_eval(data_dir: Path, n: int) -> float:
     return batches * dm.eval_batch_size / timer.seconds
 
 
-OVERLAYS = {  # key: (experiment, batch, k)
-    "burda": ("burda_mnist_vae", 20, 1),
-    "cremer": ("cremer_mnist_ffg", 100, 1),
-    "air": ("air_mnist_reduced", 100, 1),
+OVERLAYS = {  # key: (experiment, batch, k, extra overrides)
+    "burda": ("burda_mnist_vae", 20, 1, []),
+    "cremer": ("cremer_mnist_ffg", 100, 1, []),
+    "air": ("air_mnist_reduced", 100, 1, []),
+    # the same overlays with one optimiser step per Lightning step (Lightning's own loop): what fusing removes
+    "burda_unfused": ("burda_mnist_vae", 20, 1, ["inference.fused_steps=1"]),
+    "cremer_unfused": ("cremer_mnist_ffg", 100, 1, ["inference.fused_steps=1"]),
 }
 
 
-def run_overlay(data_dir: Path, experiment: str, epochs: int, batches: int) -> float:
+def run_overlay(data_dir: Path, experiment: str, epochs: int, batches: int, overrides: list[str] = ()) -> float:
     """Training images/s of the overlay over ``epochs * batches`` steps: epochs of at most ``batches`` steps (an
     overlay whose epoch is shorter, e.g. air_mnist_reduced's 20 steps, runs more of its own epochs: its per-epoch
     work is part of what is measured)."""
@@ -119,7 +123,7 @@ def run_overlay(data_dir: Path, experiment: str, epochs: int, batches: int) -> f
     with tempfile.TemporaryDirectory(prefix="bench-overlay-") as out:
         cfg = compose_config([f"experiment={experiment}", f"data_dir={data_dir}", "logger=none", "test=false",
                               "trainer.max_epochs=-1", f"trainer.max_steps={epochs * batches}",
-                              f"trainer.limit_train_batches={batches}"], out)
+                              f"trainer.limit_train_batches={batches}", *overrides], out)
         with contextlib.redirect_stdout(io.StringIO()):
             return run(cfg, out)["timing"]["train_images_per_s"]
 
@@ -162,7 +166,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", choices=["k1", "k50", "eval", *OVERLAYS, *STACKED], nargs="*",
-                   default=["k1", "k50", "eval", *OVERLAYS, *STACKED])
+                   default=["k1", "k50", "eval", "burda", "cremer", "air", *STACKED])
     p.add_argument("--overlay-batches", type=int, default=600, help="training steps per epoch of an overlay run")
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args()
@@ -184,13 +188,13 @@ def main() -> None:
         lib, refv = [], []
         for _ in range(a.reps):
             if key in OVERLAYS:
-                exp, batch, k = OVERLAYS[key]
+                exp, batch, k, extra = OVERLAYS[key]
                 steps = a.overlay_batches if not q else a.overlay_batches // 3
                 r = run_reference(ref, npz, ["--k", str(k), "--batch", str(batch), "--steps", str(3 * steps),
                                              "--threads", str(a.threads)])
                 refv.append(r["train_img_s"])
-                lib.append(run_overlay(data_dir, exp, 3, steps))
-                name = f"experiment={exp} (batch {batch})"
+                lib.append(run_overlay(data_dir, exp, 3, steps, extra))
+                name = f"experiment={exp} (batch {batch}){' ' + ' '.join(extra) if extra else ''}"
             elif key in STACKED:  # "reference" here = separate runs of the library, one at a time
                 batch, n, overrides, what = STACKED[key]
                 agg, single = run_stacked_pair(data_dir, batch, n, 3, 300 if not q else 100, overrides)
@@ -211,7 +215,7 @@ def main() -> None:
             print(f"  {name}: library {lib[-1]:.1f}  reference {refv[-1]:.1f}", flush=True)
         lm, rm = statistics.median(lib), statistics.median(refv)
         target = {"stack20": 1.8, "stack100": 1.3, "stack_sigma": 1.3}.get(
-            key, 0.9 if key in ("eval", *OVERLAYS) else 0.85)
+            key, 0.9 if key in ("eval", *OVERLAYS) else 0.85)  # the unfused rows show what fusing gains
         rows.append({"case": name, "library": round(lm, 1), "reference": round(rm, 1), "ratio": round(lm / rm, 3),
                      "target": target, "ok": lm / rm >= target, "library_runs": lib, "reference_runs": refv})
 

@@ -12,6 +12,12 @@ os.environ["WANDB_MODE"] = "offline" if os.environ.get("WANDB_MODE") not in ("di
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_DISABLE_GIT", "true")
 
+# Under pytest-xdist (pyproject: -n auto) each worker is one process per core: one intra-op thread each, and the same
+# for the train.py / sweep.py subprocesses the tests start, so the workers do not fight over the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

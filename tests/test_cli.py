@@ -1,6 +1,7 @@
 """End-to-end runs of train.py in subprocesses: outputs, evaluation of checkpoints, resume, DDP, bad input."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,10 @@ BASE = ["logger=none", "trainer.max_epochs=3", "importance_samples.test=200"]
 def train(*overrides: str, run_dir: Path, env: dict | None = None, check: bool = True, timeout: int = 600):
     cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *overrides]
     e = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", **(env or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+    # SIGINT as at a terminal: a job started in the background (`cmd &`, nohup, some CI runners) inherits SIGINT
+    # ignored, and Python then never turns Ctrl-C into KeyboardInterrupt
+    proc = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

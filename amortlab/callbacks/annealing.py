@@ -25,17 +25,23 @@ class Annealing(L.Callback):
                                 f"start={start}.")
         self.kind, self.start, self.duration, self.unit = kind, start, duration, unit
 
-    def weight(self, trainer: L.Trainer, batch_idx: int) -> float:
-        if self.unit == "step":
-            t = trainer.global_step
-        else:
-            t = trainer.current_epoch + batch_idx / max(1, trainer.num_training_batches)
+    def weight(self, global_step: int, epoch: int, step_in_epoch: int, epoch_steps: int) -> float:
+        t = global_step if self.unit == "step" else epoch + step_in_epoch / max(1, epoch_steps)
         return min(1.0, self.start + (1.0 - self.start) * t / self.duration)
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        w = self.weight(trainer, batch_idx)
+    def apply(self, pl_module, epoch: int, step_in_epoch: int, epoch_steps: int) -> None:
+        """Set the module's weights for the optimiser step ``step_in_epoch`` of ``epoch_steps`` (a fused training
+        step, ``inference.fused_steps``, calls this before each of its steps)."""
+        w = self.weight(pl_module.global_step, epoch, step_in_epoch, epoch_steps)
         pl_module.entropy_weight = w
         pl_module.prior_weight = w if self.kind == "kl" else 1.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        pl_module.annealer = self
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if pl_module.automatic_optimization:
+            self.apply(pl_module, trainer.current_epoch, batch_idx, trainer.num_training_batches)
 
     def _reset(self, pl_module) -> None:
         pl_module.entropy_weight = pl_module.prior_weight = 1.0
@@ -46,3 +52,4 @@ class Annealing(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._reset(pl_module)
+        pl_module.annealer = None

@@ -41,9 +41,11 @@ class EpochLog(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None:  # a device-side sum: no synchronisation per step
-            self._sum = loss.detach() if self._sum is None else self._sum + loss.detach()
-            self._n += 1
+        steps = outputs.get("steps", 1) if isinstance(outputs, dict) else 1  # a fused group's mean over its steps
+        if loss is not None and steps:  # a device-side sum: no synchronisation per step
+            loss = loss.detach() * steps
+            self._sum = loss if self._sum is None else self._sum + loss
+            self._n += steps
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch + 1

@@ -164,12 +164,12 @@ class AggressiveVAE(AmortizedVAE):
             self._inner = False
         return losses
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def step_loss(self, batch: Batch, batch_idx: int) -> Tensor:
         if self.aggressive:
             self.inner_steps_last = len(self.inner_loop(batch.x))
             if self.global_step % self.log_every_n_steps == 0:
                 self.log("train/aggressive_inner_steps", float(self.inner_steps_last), on_step=True, on_epoch=False)
-        return super().training_step(batch, batch_idx)
+        return super().step_loss(batch, batch_idx)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.aggressive:  # the outer step updates theta only

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from amortlab.config import Evaluation, ImportanceSamples
+from amortlab.data.fused import StepGroup
 from amortlab.data.loader import Batch
 from amortlab.distributions import DiagGaussian, posterior_mean
 from amortlab.errors import AmortlabError
@@ -97,6 +98,8 @@ class ELBOModule(L.LightningModule):
             (``amortlab.finite``; deferred = no host sync per step, the default on a GPU).
         compile_mode: None (eager, default) or a ``torch.compile`` mode (``default``, ``reduce-overhead`` = CUDA
             graphs on a GPU, ``max-autotune``): every MLP of the method is compiled in place when fitting starts.
+        fused_steps: M optimiser steps per Lightning training step (``amortlab.data.fused``; M > 1 takes the
+            optimisation out of Lightning's per-step loop; the same updates as M = 1, test-checked).
     """
 
     method_name = "base"
@@ -107,7 +110,7 @@ class ELBOModule(L.LightningModule):
                  importance_samples: ImportanceSamples | dict | None = None, optim: dict | None = None,
                  evaluation: Evaluation | dict | None = None, estimator: Estimator | None = None,
                  regularizer: EncoderRegularizer | None = None, log_every_n_steps: int = 50,
-                 finite_check: str = "auto", compile_mode: str | None = None):
+                 finite_check: str = "auto", compile_mode: str | None = None, fused_steps: int = 1):
         super().__init__()
         if (model is None) == (decoder is None):
             raise AmortlabError(f"{type(self).__name__} needs exactly one of model= (a GenerativeModel) and decoder= "
@@ -129,6 +132,12 @@ class ELBOModule(L.LightningModule):
             raise AmortlabError(f"inference.compile_mode={compile_mode!r} is not one of null (eager), "
                                 f"{', '.join(m for m in COMPILE_MODES if m)} (torch.compile modes).")
         self.compile_mode = compile_mode
+        if int(fused_steps) < 1:
+            raise AmortlabError(f"inference.fused_steps={fused_steps} must be >= 1 (optimiser steps per Lightning "
+                                f"training step; 1 = Lightning's own loop).")
+        self.fused_steps = int(fused_steps)
+        self.automatic_optimization = self.fused_steps == 1
+        self.annealer = None  # the annealing callback, when one runs (its weights are set per fused step)
         # annealing weights on log p(z) and log q(z|x) in the training objective (set by callbacks)
         self.prior_weight = 1.0
         self.entropy_weight = 1.0
@@ -176,6 +185,8 @@ class ELBOModule(L.LightningModule):
         # Lightning's generic collection walk costs ~30 us per step; a Batch already on the device needs none
         if isinstance(batch, Batch):
             return batch if batch.x.device == device else batch.to(device, non_blocking=True)
+        if isinstance(batch, StepGroup):
+            return batch if batch.batches[0].x.device == device else batch.to(device, non_blocking=True)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     # --- what a method defines ----------------------------------------------------------------------------------
@@ -229,12 +240,55 @@ class ELBOModule(L.LightningModule):
         return values.mean()
 
     # --- steps ----------------------------------------------------------------------------------------------------
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch | StepGroup, batch_idx: int):
+        if self.automatic_optimization:
+            return self.step_loss(batch, batch_idx)
+        return self.fused_training_step(batch, batch_idx)
+
+    def step_loss(self, batch: Batch, batch_idx: int) -> Tensor:
+        """The loss one optimiser step minimises, with the non-finite check and the periodic training-loss log."""
         loss = self.training_loss(batch.x)
         self.finite_guard.observe(self, loss, batch_idx)
         if self.global_step % self.log_every_n_steps == 0:
-            self.log("train/loss", loss.detach(), on_step=True, on_epoch=False)
+            self.log_train_loss(loss)
         return loss
+
+    def log_train_loss(self, loss: Tensor) -> None:
+        if self.automatic_optimization:
+            self.log("train/loss", loss.detach(), on_step=True, on_epoch=False)
+        else:  # fused steps: logged at the optimiser step it belongs to (Lightning logs once per group)
+            for logger in self.loggers:
+                logger.log_metrics({"train/loss": float(loss)}, step=self.global_step)
+
+    def fused_training_step(self, group: StepGroup, batch_idx: int) -> dict[str, Tensor]:
+        """``inference.fused_steps`` > 1: the group's batches as consecutive optimiser steps, each exactly as
+        Lightning's automatic loop runs it (annealing weights for that step, loss, zero_grad, backward, step, a
+        per-step scheduler); stops at ``trainer.max_steps``. Returns the steps' mean loss and their count (EpochLog
+        weights by it)."""
+        opt, trainer = self.optimizers(), self.trainer
+        per_step = [c for c in trainer.lr_scheduler_configs if c.interval == "step"]
+        total, n = None, 0
+        for j, batch in enumerate(group.batches):
+            if 0 <= trainer.max_steps <= self.global_step:
+                break
+            if self.annealer is not None:
+                self.annealer.apply(self, trainer.current_epoch, group.first_step + j, group.epoch_steps)
+            loss = self.step_loss(batch, group.first_step + j)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+            for c in per_step:
+                if (group.first_step + j + 1) % c.frequency == 0:
+                    c.scheduler.step()
+            total = loss.detach() if total is None else total + loss.detach()
+            n += 1
+        if n and group.first_step + n >= group.epoch_steps:  # the epoch's last step: where Lightning's own loop
+            for c in trainer.lr_scheduler_configs:           # steps an epoch-wise scheduler (it steps none here)
+                if c.interval == "epoch" and (trainer.current_epoch + 1) % c.frequency == 0:
+                    c.scheduler.step()
+        # loggers' x-axis (Lightning's batch counter, +1 per group) in optimiser steps, as without fusing
+        trainer.fit_loop.epoch_loop._batches_that_stepped += max(n - 1, 0)
+        return {"loss": total / max(n, 1) if total is not None else None, "steps": n}
 
     def eval_generator(self, batch: Batch, split: str, stream: int = 0) -> torch.Generator:
         """The evaluation's noise for ``batch`` of ``split``: seeded by the evaluation seed, the split and the
@@ -352,9 +406,17 @@ class ELBOModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["amortlab_config"] = self.run_config
         checkpoint["torch_rng_state"] = torch.get_rng_state()
+        checkpoint["fused_steps"] = self.fused_steps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = migrate_state_dict(checkpoint["state_dict"])
+        saved = int(checkpoint.get("fused_steps", 1))
+        if (saved > 1) != (self.fused_steps > 1) and "loops" in checkpoint:
+            # Lightning keeps the step count of its own loop and of a manual (fused) loop apart
+            raise AmortlabError(f"This checkpoint was written with inference.fused_steps={saved} and the run resumes "
+                                f"with inference.fused_steps={self.fused_steps}; Lightning counts the steps of the "
+                                f"two loops separately, so resume with inference.fused_steps={saved} (the updates "
+                                f"are the same either way; evaluation-only runs load any checkpoint).")
         if "torch_rng_state" in checkpoint:
             self._restored_rng_state = checkpoint["torch_rng_state"]
 
@@ -371,6 +433,9 @@ class ELBOModule(L.LightningModule):
             torch.set_rng_state(state)
             self._restored_rng_state = None
         self.finite_guard.start(self)
+        if not self.automatic_optimization and any(c.reduce_on_plateau for c in self.trainer.lr_scheduler_configs):
+            raise AmortlabError("inference.fused_steps > 1 does not step a ReduceLROnPlateau scheduler (it needs the "
+                                "monitored metric from Lightning's loop); set inference.fused_steps=1.")
 
     def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
         self.finite_guard.check(self, batch_idx)

@@ -61,7 +61,7 @@ class StackedTraining:
         """Member i's noise stream now (stored in its checkpoints as ``torch_rng_state``)."""
         return self.generators[i].get_state() if self.device.type == "cpu" else self.rng_states[i][0]
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def step_loss(self, batch: Batch, batch_idx: int) -> Tensor:
         with noise.stacked(self.n_stack, self.generators):
             losses = self.training_loss(batch.x)  # [N]
         finite = torch.isfinite(losses)

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from amortlab.build import (build_callbacks, build_logger, build_module, command_overrides, instantiate_group,
                             load_weights, quiet_lightning, run_name)
 from amortlab.callbacks import EpochLog, ImagePanels, Throughput
+from amortlab.data.fused import fused_fit
 from amortlab.errors import AmortlabError, NonFiniteLossError
 from amortlab.record import RunRecord, final_evaluation, sigterm_as_interrupt, summary
 from amortlab.runlock import RunLock
@@ -212,15 +213,16 @@ def _run_stacked(cfg: DictConfig, plan: list[Member], records: list[RunRecord], 
     # panels); every other one (annealing, a user's +callbacks.NAME) sees the stacked module
     shared = [cb for cb in member_cbs[0].values()
               if not isinstance(cb, (ModelCheckpoint, Throughput, EpochLog, ImagePanels))]
+    fit_data, fused = fused_fit(StackedData(dm, [c.dataset.seed for c in cfgs]), stacked.fused_steps, cfgs[0].trainer)
     trainer: L.Trainer = instantiate_group(cfgs[0].trainer, "trainer", logger=False, enable_checkpointing=False,
-                                      callbacks=[throughput, records_cb, *shared])
+                                           callbacks=[throughput, records_cb, *shared], **fused)
     log.info("amortlab: training %d models as one stacked computation (seeds %s%s) -> %s", len(seeds), seeds,
              f", {cfg.stack.key} {values}" if values else "",
              ", ".join(str(d) for d in dirs))
     t0 = time.perf_counter()
     with sigterm_as_interrupt():
         try:
-            trainer.fit(stacked, datamodule=StackedData(dm, [c.dataset.seed for c in cfgs]))
+            trainer.fit(stacked, datamodule=fit_data)
         except SystemExit:
             if not trainer.interrupted:
                 raise
