@@ -33,9 +33,11 @@ class _Trainer:
 
 def test_annealing_weights():
     ent = Annealing("entropy", start=0.0, duration=4)
-    assert ent.weight(_Trainer(0), 0) == 0.0
-    assert ent.weight(_Trainer(1), 5) == pytest.approx(1.5 / 4)
-    assert ent.weight(_Trainer(10), 0) == 1.0
+    # weight(global_step, epoch, step within the epoch, steps per epoch)
+    assert ent.weight(0, 0, 0, 10) == 0.0
+    assert ent.weight(15, 1, 5, 10) == pytest.approx(1.5 / 4)
+    assert ent.weight(100, 10, 0, 10) == 1.0
+    assert Annealing("entropy", duration=40, unit="step").weight(15, 1, 5, 10) == pytest.approx(15 / 40)
     kl = Annealing("kl", start=0.1, duration=10)
     m = AmortizedVAE(GaussianEncoder(4, 2, (8,)), decoder=BernoulliDecoder(4, 2, (8,)))
     kl.on_train_batch_start(_Trainer(5), m, None, 0)
