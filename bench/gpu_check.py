@@ -10,8 +10,9 @@ Prints:
    own evaluation (``ELBOModule.evaluate_batch``, chunked, float64 accumulation): seconds, images/s, and achieved
    TFLOP/s (decoder matmuls only: 2 * (50*200 + 200*200 + 200*784) flops per sample) beside the peak;
 3. training images/s at k = 1 and k = 50 (Lightning fit loop, data on the device, ``--train-steps`` steps; the second
-   of two epochs is timed), and at k = 1 with the networks compiled (``--compile-mode``, default reduce-overhead =
-   CUDA graphs; ``inference.compile_mode``);
+   of two epochs is timed), at k = 1 with 20 optimiser steps per Lightning step (``inference.fused_steps``) and at
+   k = 1 with the networks compiled (``--compile-mode``, default reduce-overhead = CUDA graphs;
+   ``inference.compile_mode``);
 4. stacked N = 16 / 64 models (``stack.seeds``, through ``amortlab.run.run``, validation off) at k = 1 and k = 50:
    aggregate training images/s of the N members;
 5. with >= 2 devices: a 2-process DDP run and a 1-process run of train.py give the same test NLL.
@@ -84,19 +85,22 @@ class WarmThroughput(Throughput):
         super().on_train_epoch_start(trainer, pl_module)
 
 
-def train_images_per_s(data_dir: str, device: torch.device, k: int, steps: int, compile_mode: str | None = None
-                       ) -> float:
+def train_images_per_s(data_dir: str, device: torch.device, k: int, steps: int, compile_mode: str | None = None,
+                       fused_steps: int = 1) -> float:
     import lightning as L
 
+    from amortlab.data.fused import fused_fit
+
     module, dm = build_from_overrides(["dataset=binarized_mnist", f"data_dir={data_dir}", "logger=none",
-                                       f"importance_samples.train={k}",
+                                       f"importance_samples.train={k}", f"inference.fused_steps={fused_steps}",
                                        *([f"inference.compile_mode={compile_mode}"] if compile_mode else [])])
     tp = WarmThroughput()
     accelerator = "gpu" if device.type == "cuda" else "cpu"
+    data, fused = fused_fit(dm, fused_steps, {"limit_train_batches": max(1, steps // 2)})
     L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, max_epochs=2,
-              limit_train_batches=max(1, steps // 2), callbacks=[tp], use_distributed_sampler=False).fit(
-        module, datamodule=dm)
+              **{"limit_train_batches": max(1, steps // 2), **fused}, callbacks=[tp],
+              use_distributed_sampler=False).fit(module, datamodule=data)
     return tp.images_per_s or float("nan")
 
 
@@ -163,6 +167,8 @@ def main() -> None:
           f"peak", flush=True)
     for k in (1, 50):
         print(f"training k={k}: {train_images_per_s(a.data_dir, device, k, a.train_steps):,.0f} img/s", flush=True)
+    rate = train_images_per_s(a.data_dir, device, 1, a.train_steps, fused_steps=20)
+    print(f"training k=1 fused (inference.fused_steps=20): {rate:,.0f} img/s", flush=True)
     if a.compile_mode:  # the second of its two epochs is timed (WarmThroughput): compilation falls in the first
         rate = train_images_per_s(a.data_dir, device, 1, a.train_steps, a.compile_mode)
         print(f"training k=1 compiled ({a.compile_mode}): {rate:,.0f} img/s", flush=True)
