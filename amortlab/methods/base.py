@@ -406,17 +406,9 @@ class ELBOModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["amortlab_config"] = self.run_config
         checkpoint["torch_rng_state"] = torch.get_rng_state()
-        checkpoint["fused_steps"] = self.fused_steps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = migrate_state_dict(checkpoint["state_dict"])
-        saved = int(checkpoint.get("fused_steps", 1))
-        if (saved > 1) != (self.fused_steps > 1) and "loops" in checkpoint:
-            # Lightning keeps the step count of its own loop and of a manual (fused) loop apart
-            raise AmortlabError(f"This checkpoint was written with inference.fused_steps={saved} and the run resumes "
-                                f"with inference.fused_steps={self.fused_steps}; Lightning counts the steps of the "
-                                f"two loops separately, so resume with inference.fused_steps={saved} (the updates "
-                                f"are the same either way; evaluation-only runs load any checkpoint).")
         if "torch_rng_state" in checkpoint:
             self._restored_rng_state = checkpoint["torch_rng_state"]
 
