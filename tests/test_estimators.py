@@ -6,6 +6,7 @@ import torch
 from amortlab.data.loader import Batch
 from amortlab.distributions import DiagGaussian
 from amortlab.evaluation import chunk_size, iwae_estimate
+from amortlab.evaluation.estimators import scored_in_chunks
 from amortlab.methods import AmortizedVAE
 from amortlab.nets import LinearGaussianDecoder, LinearGaussianEncoder
 from amortlab.objectives import bernoulli_log_prob, k_sample_bound, log_mean_exp
@@ -145,6 +146,18 @@ def test_chunked_and_unchunked_estimators_agree_exactly():
         torch.testing.assert_close(part[1], full[1], atol=1e-10, rtol=0)
     torch.testing.assert_close(full[0], log_mean_exp(lw, 0))
     torch.testing.assert_close(full[1], lw.mean(0))
+
+
+def test_scored_in_chunks_draws_what_one_call_draws():
+    """Many samples per point (a common-random-numbers estimate), scored a few rows at a time: the log-weights of
+    one unchunked ``log_weights`` call with an identically seeded generator, sample for sample."""
+    m = perturbed_model()
+    x = data(m, 12)
+    q = m.infer(x)
+    whole = m.log_weights(x, q, 300, torch.Generator().manual_seed(4))
+    for rows in (12, 100, 1000, 10_000):
+        part = scored_in_chunks(m, x, q, 300, torch.Generator().manual_seed(4), rows=rows)
+        torch.testing.assert_close(part, whole, atol=1e-5, rtol=0)
 
 
 def test_chunk_size():

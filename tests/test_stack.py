@@ -207,3 +207,25 @@ def _same_rates(a, b) -> bool:
 def test_settings_that_cannot_stack_are_refused_with_the_fix(extra, named, tmp_path):
     with pytest.raises(AmortlabError, match=named):
         _stacked(tmp_path, *extra, "test=false")
+
+
+def test_last_checkpoint_holds_the_final_weights_whatever_its_cadence(tmp_path):
+    """checkpoints/last.ckpt written every 2 epochs of a 3-epoch run still ends with the weights of epoch 3: equal to
+    a run that writes every epoch (single and stacked), and a run resumed from it continues like an uninterrupted
+    one."""
+    cadence = ["trainer.max_epochs=3", "callbacks.checkpoint_last.every_n_epochs=2", "test=false"]
+    every = _single(tmp_path / "every", 3, "trainer.max_epochs=3", "test=false")
+    sparse = _single(tmp_path / "sparse", 3, *cadence)
+    stack_dir, _ = _stacked(tmp_path, *cadence)
+    a = read_checkpoint(every / "checkpoints" / "last.ckpt")
+    for d in (sparse, stack_dir / "seed3"):
+        b = read_checkpoint(d / "checkpoints" / "last.ckpt")
+        assert b["global_step"] == a["global_step"] == 12
+        assert _max_diff(a["state_dict"], b["state_dict"]) < 1e-6
+    straight = _single(tmp_path / "straight", 3, "trainer.max_epochs=4", "test=false")
+    resumed = tmp_path / "resumed"
+    run(compose_config([*BASE, "seed=3", "trainer.max_epochs=4", "test=false",
+                        f"ckpt_path={sparse / 'checkpoints' / 'last.ckpt'}"], resumed), resumed)
+    c, d = (read_checkpoint(x / "checkpoints" / "last.ckpt") for x in (straight, resumed))
+    assert c["global_step"] == d["global_step"] == 16
+    assert _max_diff(c["state_dict"], d["state_dict"]) < 1e-6

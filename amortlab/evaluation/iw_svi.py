@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from amortlab.distributions import DiagGaussian, as_factorised, require
-from amortlab.evaluation.estimators import chunk_size, iwae_estimate
+from amortlab.evaluation.estimators import chunk_size, iwae_estimate, scored_in_chunks
 from amortlab.evaluation.protocol import Estimate, EvalBatch, Estimator
 from amortlab.evaluation.qstar import draw_seed
 from amortlab.grad import local_grad
@@ -84,7 +84,6 @@ def refine(model, x: Tensor, q0: DiagGaussian, cfg: SVIConfig,
     ``model`` (the method) provides ``log_joint(x, z [k, B, Z]) -> [k, B]`` and ``log_weights(x, q, k, generator)
     -> [k, B]``. The decoder is not updated: gradients are taken with respect to the local parameters only.
     """
-    log_weights = model.log_weights
     q0 = as_factorised(q0)  # a structured q over several layers: its factorised Gaussian start
     with local_grad():
         x = x.detach().clone()
@@ -107,8 +106,8 @@ def refine(model, x: Tensor, q0: DiagGaussian, cfg: SVIConfig,
             if cfg.select_reps > 0:
                 start = DiagGaussian(q0.mu.detach(), q0.logvar.detach())
                 seed = draw_seed(generator, x.device)
-                before = _crn_bound(log_weights, x, start, cfg.k, cfg.select_reps, seed)
-                after = _crn_bound(log_weights, x, refined, cfg.k, cfg.select_reps, seed)
+                before = _crn_bound(model, x, start, cfg.k, cfg.select_reps, seed)
+                after = _crn_bound(model, x, refined, cfg.k, cfg.select_reps, seed)
                 keep = (after >= before).unsqueeze(-1)
                 refined = DiagGaussian(torch.where(keep, refined.mu, start.mu),
                                        torch.where(keep, refined.logvar, start.logvar))
@@ -122,8 +121,8 @@ def dreg_surrogate(lw: Tensor) -> Tensor:
     return -(torch.softmax(lw.detach(), 0).pow(2) * lw).sum()
 
 
-def _crn_bound(log_weights, x: Tensor, q: DiagGaussian, k: int, reps: int, seed: int) -> Tensor:
+def _crn_bound(model, x: Tensor, q: DiagGaussian, k: int, reps: int, seed: int) -> Tensor:
     """Mean of ``reps`` k-sample bounds ``[B]`` from a generator seeded with ``seed`` (common random numbers)."""
     g = torch.Generator(device=x.device).manual_seed(seed)
-    lw = log_weights(x, q, k * reps, g)  # [reps * k, B]
+    lw = scored_in_chunks(model, x, q, k * reps, g)  # [reps * k, B]
     return k_sample_bound(lw.reshape(reps, k, -1).transpose(0, 1)).mean(0)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from amortlab.evaluation.estimators import scored_in_chunks
 from amortlab.grad import local_grad
 
 
@@ -139,4 +140,4 @@ def draw_seed(generator: torch.Generator | None, device) -> int:
 def crn_elbo(model, x: Tensor, q, k: int, seed: int) -> Tensor:
     """ELBO estimate ``[B]`` from ``k`` samples of a generator seeded with ``seed`` (common random numbers)."""
     g = torch.Generator(device=x.device).manual_seed(seed)
-    return model.log_weights(x, q, k, g).mean(0)
+    return scored_in_chunks(model, x, q, k, g).mean(0)

@@ -32,10 +32,11 @@ def slice_optimizer_state(state: dict, i: int, shapes: list[torch.Size]) -> dict
 
 
 class MemberRecords(L.Callback):
-    """Per-member checkpoints (``best``: lowest ``val_epoch/nll``; ``last``: every ``every_n_epochs``), per-epoch
-    history and the epoch line. ``checkpoints[i]``: member i's ``ModelCheckpoint`` callbacks by name (built from its
-    own config; only their settings and recorded state are used). ``configs[i]``: the member's resolved config.
-    ``log_every``: the epoch line's cadence (the run's ``callbacks.epoch_log.every_n_epochs``; None: no line)."""
+    """Per-member checkpoints (``best``: lowest ``val_epoch/nll``; ``last``: every ``every_n_epochs`` and at the end
+    of training), per-epoch history and the epoch line. ``checkpoints[i]``: member i's ``ModelCheckpoint``
+    callbacks by name (built from its own config; only their settings and recorded state are used).
+    ``configs[i]``: the member's resolved config. ``log_every``: the epoch line's cadence (the run's
+    ``callbacks.epoch_log.every_n_epochs``; None: no line)."""
 
     def __init__(self, checkpoints: list[dict[str, ModelCheckpoint]], configs: list[dict[str, Any]],
                  names: list[str], log_every: int | None = 1):
@@ -74,6 +75,20 @@ class MemberRecords(L.Callback):
                     self._save(trainer, pl_module, i, cb, None)
         self._log_epoch(trainer, pl_module, epoch)
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        """A member's cadence checkpoint (``last``) also holds its final weights (``LastCheckpoint``), unless it was
+        written at this step or the member's loss became non-finite (a deferred check's pending step included)."""
+        if trainer.global_step == 0:
+            return
+        self._full = None
+        guard = pl_module.finite_guard
+        for i in range(pl_module.n_stack):
+            if i in pl_module.diverged or (guard.deferred and int(guard.first_bad[i]) >= 0):
+                continue
+            for cb in self.checkpoints[i].values():
+                if not cb.monitor and cb._every_n_epochs and cb._last_global_step_saved != trainer.global_step:
+                    self._save(trainer, pl_module, i, cb, None)
+
     @staticmethod
     def _due(cb: ModelCheckpoint, epoch: int) -> bool:
         every = cb._every_n_epochs or 0
@@ -91,6 +106,7 @@ class MemberRecords(L.Callback):
             cb.best_k_models = {str(path): score}
             cb.kth_best_model_path, cb.kth_value = str(path), score
         cb.best_model_path = str(path)
+        cb._last_global_step_saved = trainer.global_step
         shapes = [p.shape for p in pl_module.parameters()]
         ckpt = {k: v for k, v in full.items() if k not in ("state_dict", "optimizer_states", "callbacks")}
         ckpt["state_dict"] = {k: v[i].clone() for k, v in full["state_dict"].items()}
