@@ -25,6 +25,9 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)
         if (self.monitor is not None or trainer.sanity_checking or trainer.global_step == 0
-                or self._last_global_step_saved == trainer.global_step or pending_nonfinite(pl_module)):
+                or self._last_global_step_saved == trainer.global_step):
+            return
+        # every rank decides alike (saving is collective under DDP): skip if any rank holds a bad step
+        if trainer.strategy.reduce_boolean_decision(pending_nonfinite(pl_module), all=False):
             return
         self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
