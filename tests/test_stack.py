@@ -229,3 +229,16 @@ def test_last_checkpoint_holds_the_final_weights_whatever_its_cadence(tmp_path):
     c, d = (read_checkpoint(x / "checkpoints" / "last.ckpt") for x in (straight, resumed))
     assert c["global_step"] == d["global_step"] == 16
     assert _max_diff(c["state_dict"], d["state_dict"]) < 1e-6
+
+
+def test_stacking_large_steps_on_a_cpu_warns_and_names_the_fix(tmp_path, caplog):
+    """Above ~1000 decoder rows per model per step a CPU gains nothing from stacking (README, Benchmarks): the run
+    says so and how to run one model per seed; small steps train without the warning."""
+    import logging
+    caplog.set_level(logging.WARNING, logger="amortlab")
+    common = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=0", "test=false",
+              "trainer.accelerator=cpu"]
+    _stacked(tmp_path / "small", *common)
+    assert "stack=false" not in caplog.text
+    _stacked(tmp_path / "large", *common, "importance_samples.train=20")
+    assert "k x batch = 2000 decoder rows" in caplog.text and "stack=false" in caplog.text
