@@ -131,8 +131,8 @@ def warn_large_steps(cfg: DictConfig, rows: int, n: int) -> None:
     if on_cpu and rows > CPU_STACK_ROWS:
         log.warning(
             "amortlab: stacking %d models whose training step is k x batch = %d decoder rows each, on a CPU. "
-            "Stacking pays for small steps only: on 2 cores at batch 100, 10 stacked models trained 1.4-1.7x "
-            "faster than one run at a time at k = 1 (100 rows), 0.95x at k = 8 and 0.67x at k = 64 (the stacked "
+            "Stacking pays for small steps only: on 2 cores at batch 100, 10 stacked models trained 1.8x faster "
+            "than one run at a time at k = 1 (100 rows), 0.95x at k = 8 and 0.67x at k = 64 (the stacked "
             "activations no longer fit in cache). For this setting prefer one run per seed (drop stack.seeds; "
             "sweep.py ... stack=false); the numbers are the same either way.", n, rows)
 
