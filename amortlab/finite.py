@@ -6,8 +6,9 @@ Two ways to watch the loss (``inference.finite_check``):
   the CPU, a synchronisation per step on a GPU);
 - ``deferred``: no host read per step. A non-finite step's update is skipped on the device (the fused optimiser's
   ``found_inf`` flag, as mixed-precision loss scaling uses: parameters, moments and step count untouched) and the
-  first such step is remembered on the device; the flag is read every ``log_every_n_steps`` steps and at the last
-  batch of every epoch (before that epoch's checkpoints are written), and the run stops there naming the step.
+  first such step is remembered on the device; the flag is read every ``log_every_n_steps`` steps, at the last
+  batch of every epoch (before that epoch's checkpoints are written) and when training ends, and the run stops
+  there naming the step.
   Needs a fused optimiser (``optim.optimizer.fused: true``, the default).
 - ``auto`` (default): ``deferred`` on a CUDA device with a fused optimiser, else ``step``.
 """
@@ -77,7 +78,9 @@ class FiniteGuard:
         and at the epoch's last batch)."""
         if not self.deferred:
             return False
-        last = batch_idx + 1 >= module.trainer.num_training_batches
+        trainer = module.trainer
+        # the epoch's last batch, or the run's (max_steps can end an epoch early; its checkpoints follow)
+        last = batch_idx + 1 >= trainer.num_training_batches or 0 < trainer.max_steps <= module.global_step
         n = module.log_every_n_steps
         # a fused training step (inference.fused_steps) advances several steps: read when a multiple was crossed
         due = last or module.global_step // n > self.read_step // n
@@ -87,13 +90,23 @@ class FiniteGuard:
 
     def check(self, module, batch_idx: int) -> None:
         """At the end of a training batch: read the device flag at the deferred mode's cadence."""
-        if not self.due(module, batch_idx):
-            return
+        if self.due(module, batch_idx):
+            self._raise_if_bad(module)
+
+    def read_now(self, module) -> None:
+        """Read the deferred flag outside the cadence (each epoch's end, before its checkpoints; the end of
+        training), so an epoch or a run cut short between two reads (``max_steps``, ``should_stop``) still stops at
+        a bad step."""
+        if self.deferred:
+            self._raise_if_bad(module)
+
+    def _raise_if_bad(self, module) -> None:
         first = int(self.first_bad)
         if first >= 0:
             raise NonFiniteLossError(
                 f"The training loss became non-finite at global step {first} (inference.finite_check=deferred: the "
-                f"loss is read every {module.log_every_n_steps} steps and at each epoch's end, without a host sync "
+                f"loss is read every {module.log_every_n_steps} steps, at each epoch's end and when training ends, "
+                f"without a host sync "
                 f"per step). That step's update was skipped on the device (as was any later non-finite step's), "
                 f"training stopped at step {module.global_step}, and the checkpoints written before step {first} "
                 f"(results.json lists them, if any) are intact. {FIX}")

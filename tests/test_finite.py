@@ -68,6 +68,29 @@ def test_deferred_check_skips_the_bad_update_and_stops_at_its_next_read(tmp_path
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
 
 
+class StopAt(L.Callback):
+    """Test-only: asks the trainer to stop after global step ``step`` (as an early-stopping rule would)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("stop", [["trainer.max_steps=7"],
+                                  [f"+callbacks.stop._target_={__name__}.StopAt", "+callbacks.stop.step=7"]],
+                         ids=["max_steps", "should_stop"])
+def test_deferred_check_reads_when_an_epoch_or_the_run_is_cut_short(stop, tmp_path):
+    """A run stopped between two cadence reads (step 7 of an epoch of 4 steps; log_every_n_steps 50) with a bad
+    step 5 still fails naming it, and last.ckpt keeps epoch 1's weights (the cut epoch's end writes none over them)."""
+    d, err, once = _run(tmp_path, "inference.finite_check=deferred", *stop, poison_step=5)
+    assert err is not None and "global step 5" in err and "stopped at step 7" in err
+    assert json.loads((d / "results.json").read_text())["status"] == "failed"
+    assert read_checkpoint(d / "checkpoints" / "last.ckpt")["global_step"] == 4
+
+
 def test_step_check_stops_at_the_bad_step(tmp_path):
     d, err, once = _run(tmp_path, "inference.finite_check=step", poison_step=5)
     assert err is not None and "global step 5" in err and "nan" in err and once.after is None

@@ -432,6 +432,16 @@ class ELBOModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
         self.finite_guard.check(self, batch_idx)
 
+    def on_train_epoch_end(self) -> None:
+        self.read_nonfinite_flag()  # before the epoch's checkpoints (Lightning calls them after this hook)
+
+    def on_train_end(self) -> None:
+        self.read_nonfinite_flag()
+
+    def read_nonfinite_flag(self) -> None:
+        """The deferred non-finite check's read outside its cadence (``FiniteGuard.read_now``)."""
+        self.finite_guard.read_now(self)
+
     def tags(self) -> list[str]:
         return [f"method:{self.method_name}", f"k:{self.k_train}", *self.regularizer.tags()]
 

@@ -79,8 +79,15 @@ class StackedTraining:
     def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
         """Deferred check (``amortlab.finite``): record the members whose loss turned non-finite since the last
         read; their checkpoints are not written after it (the read precedes each epoch's checkpoints)."""
-        if not self.finite_guard.due(self, batch_idx):
-            return
+        if self.finite_guard.due(self, batch_idx):
+            self._read_deferred()
+
+    def read_nonfinite_flag(self) -> None:
+        """The deferred read outside its cadence (epoch end, end of training), per member."""
+        if self.finite_guard.deferred:
+            self._read_deferred()
+
+    def _read_deferred(self) -> None:
         for i, step in enumerate(self.finite_guard.first_bad.tolist()):
             if step >= 0 and i not in self.diverged:
                 self.diverged[i] = (

@@ -67,6 +67,7 @@ class MemberRecords(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         epoch, self._full = trainer.current_epoch + 1, None
+        pl_module.read_nonfinite_flag()  # before these checkpoints (this hook runs before the module's)
         for i in range(pl_module.n_stack):
             if i in pl_module.diverged:
                 continue
@@ -81,9 +82,9 @@ class MemberRecords(L.Callback):
         if trainer.global_step == 0:
             return
         self._full = None
-        guard = pl_module.finite_guard
+        pl_module.read_nonfinite_flag()  # members that turned non-finite since the last read: diverged, not saved
         for i in range(pl_module.n_stack):
-            if i in pl_module.diverged or (guard.deferred and int(guard.first_bad[i]) >= 0):
+            if i in pl_module.diverged:
                 continue
             for cb in self.checkpoints[i].values():
                 if not cb.monitor and cb._every_n_epochs and cb._last_global_step_saved != trainer.global_step:
