@@ -7,8 +7,8 @@ Two ways to watch the loss (``inference.finite_check``):
 - ``deferred``: no host read per step. A non-finite step's update is skipped on the device (the fused optimiser's
   ``found_inf`` flag, as mixed-precision loss scaling uses: parameters, moments and step count untouched) and the
   first such step is remembered on the device; the flag is read every ``log_every_n_steps`` steps, at the last
-  batch of every epoch (before that epoch's checkpoints are written) and when training ends, and the run stops
-  there naming the step.
+  batch and at the end of every epoch (before that epoch's checkpoints are written, also for an epoch cut short by
+  ``max_steps`` or ``should_stop``) and when training ends, and the run stops there naming the step.
   Needs a fused optimiser (``optim.optimizer.fused: true``, the default).
 - ``auto`` (default): ``deferred`` on a CUDA device with a fused optimiser, else ``step``.
 """
@@ -106,10 +106,9 @@ class FiniteGuard:
             raise NonFiniteLossError(
                 f"The training loss became non-finite at global step {first} (inference.finite_check=deferred: the "
                 f"loss is read every {module.log_every_n_steps} steps, at each epoch's end and when training ends, "
-                f"without a host sync "
-                f"per step). That step's update was skipped on the device (as was any later non-finite step's), "
-                f"training stopped at step {module.global_step}, and the checkpoints written before step {first} "
-                f"(results.json lists them, if any) are intact. {FIX}")
+                f"without a host sync per step). That step's update was skipped on the device (as was any later "
+                f"non-finite step's), training stopped at step {module.global_step}, and the checkpoints written "
+                f"before step {first} (results.json lists them, if any) are intact. {FIX}")
 
 
 def _raw_optimizer(module) -> torch.optim.Optimizer | None:
