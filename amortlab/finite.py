@@ -8,7 +8,7 @@ Two ways to watch the loss (``inference.finite_check``):
   ``found_inf`` flag, as mixed-precision loss scaling uses: parameters, moments and step count untouched) and the
   first such step is remembered on the device; the flag is read every ``log_every_n_steps`` steps, at the last
   batch and at the end of every epoch (before that epoch's checkpoints are written, also for an epoch cut short by
-  ``max_steps`` or ``should_stop``) and when training ends, and the run stops there naming the step.
+  ``max_steps`` or ``should_stop``; training ends after one), and the run stops there naming the step.
   Needs a fused optimiser (``optim.optimizer.fused: true``, the default).
 - ``auto`` (default): ``deferred`` on a CUDA device with a fused optimiser, else ``step``.
 """
@@ -78,9 +78,7 @@ class FiniteGuard:
         and at the epoch's last batch)."""
         if not self.deferred:
             return False
-        trainer = module.trainer
-        # the epoch's last batch, or the run's (max_steps can end an epoch early; its checkpoints follow)
-        last = batch_idx + 1 >= trainer.num_training_batches or 0 < trainer.max_steps <= module.global_step
+        last = batch_idx + 1 >= module.trainer.num_training_batches
         n = module.log_every_n_steps
         # a fused training step (inference.fused_steps) advances several steps: read when a multiple was crossed
         due = last or module.global_step // n > self.read_step // n
@@ -94,9 +92,8 @@ class FiniteGuard:
             self._raise_if_bad(module)
 
     def read_now(self, module) -> None:
-        """Read the deferred flag outside the cadence (each epoch's end, before its checkpoints; the end of
-        training), so an epoch or a run cut short between two reads (``max_steps``, ``should_stop``) still stops at
-        a bad step."""
+        """Read the deferred flag outside the cadence (each epoch's end, before its checkpoints), so an epoch cut
+        short between two reads (``max_steps``, ``should_stop``) still stops at a bad step."""
         if self.deferred:
             self._raise_if_bad(module)
 
@@ -105,7 +102,7 @@ class FiniteGuard:
         if first >= 0:
             raise NonFiniteLossError(
                 f"The training loss became non-finite at global step {first} (inference.finite_check=deferred: the "
-                f"loss is read every {module.log_every_n_steps} steps, at each epoch's end and when training ends, "
+                f"loss is read every {module.log_every_n_steps} steps and at each epoch's end, "
                 f"without a host sync per step). That step's update was skipped on the device (as was any later "
                 f"non-finite step's), training stopped at step {module.global_step}, and the checkpoints written "
                 f"before step {first} (results.json lists them, if any) are intact. {FIX}")

@@ -435,11 +435,8 @@ class ELBOModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         self.read_nonfinite_flag()  # before the epoch's checkpoints (Lightning calls them after this hook)
 
-    def on_train_end(self) -> None:
-        self.read_nonfinite_flag()
-
     def read_nonfinite_flag(self) -> None:
-        """The deferred non-finite check's read outside its cadence (``FiniteGuard.read_now``)."""
+        """The deferred non-finite check's read at each epoch's end (``FiniteGuard.read_now``)."""
         self.finite_guard.read_now(self)
 
     def tags(self) -> list[str]:

@@ -83,7 +83,7 @@ class StackedTraining:
             self._read_deferred()
 
     def read_nonfinite_flag(self) -> None:
-        """The deferred read outside its cadence (epoch end, end of training), per member."""
+        """The deferred read at each epoch's end, per member."""
         if self.finite_guard.deferred:
             self._read_deferred()
 

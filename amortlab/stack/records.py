@@ -78,11 +78,10 @@ class MemberRecords(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         """A member's cadence checkpoint (``last``) also holds its final weights (``LastCheckpoint``), unless it was
-        written at this step or the member's loss became non-finite (a deferred check's pending step included)."""
+        written at this step or the member diverged (read at the last epoch's end, in ``on_train_epoch_end``)."""
         if trainer.global_step == 0:
             return
         self._full = None
-        pl_module.read_nonfinite_flag()  # members that turned non-finite since the last read: diverged, not saved
         for i in range(pl_module.n_stack):
             if i in pl_module.diverged:
                 continue
