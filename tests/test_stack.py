@@ -2,8 +2,10 @@
 
 Every comparison is against runs made independently by the ordinary single-run path (``run``), never against a
 value the stacked path computed itself: weights and optimiser state after the first steps, the per-epoch validation
-score that chose best.ckpt, the final test numbers, the results.json format, and a member checkpoint resumed alone.
+score that chose best.ckpt, the final test numbers, the results.json format, each member's logged history, and a
+member checkpoint resumed alone.
 """
+import csv
 import json
 
 import lightning as L
@@ -88,6 +90,35 @@ def _same_but_paths(a, b) -> bool:
     sa = json.dumps(a["config"], sort_keys=True).replace(a["out_dir"], "<dir>")
     sb = json.dumps(b["config"], sort_keys=True).replace(b["out_dir"], "<dir>")
     return sa == sb
+
+
+def _logged(run_dir):
+    """The rows a run's CSV logger wrote, in order: (epoch, step, {key: value})."""
+    (path,) = (run_dir / "csv").glob("version_*/metrics.csv")
+    with path.open() as f:
+        return [(row.pop("epoch"), int(row.pop("step")), {k: float(v) for k, v in row.items() if v != ""})
+                for row in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("extra", [[], ["inference.fused_steps=2"]], ids=["lightning-steps", "fused-steps"])
+def test_each_member_logs_the_history_of_its_single_run(extra, tmp_path):
+    """logger=csv: each member's metrics.csv is its single run's, row for row: the same keys (no per-epoch
+    val_epoch/mutual_info, which a single run does not estimate), steps and epochs for the training loss (every
+    trainer.log_every_n_steps), the annealing weight, the per-epoch validation and the final evaluation, and the
+    same values to float tolerance (wall-clock times aside)."""
+    extra = ["trainer.log_every_n_steps=2", "annealing=entropy", "importance_samples.test=5", *extra]
+    singles = {s: _single(tmp_path, s, "logger=csv", *extra) for s in SEEDS}
+    stack_dir, out = _stacked(tmp_path, "logger=csv", *extra)
+    assert out["status"] == "ok"
+    for s in SEEDS:
+        a, b = _logged(singles[s]), _logged(stack_dir / f"seed{s}")
+        assert [(e, step, sorted(v)) for e, step, v in a] == [(e, step, sorted(v)) for e, step, v in b]
+        for (_, step, va), (_, _, vb) in zip(a, b):
+            for k, v in va.items():
+                if not k.endswith("infer_seconds"):
+                    assert v == pytest.approx(vb[k], rel=1e-5, abs=1e-5), (step, k)
+        logged = {k for *_, v in a for k in v}
+        assert {"train/loss", "train/anneal_weight", "val_epoch/nll", "val/nll", "test/nll"} <= logged
 
 
 def test_a_member_checkpoint_resumes_alone_like_an_uninterrupted_run(tmp_path):
