@@ -7,6 +7,9 @@ member checkpoint resumed alone.
 """
 import csv
 import json
+import os
+import subprocess
+import sys
 
 import lightning as L
 import pytest
@@ -15,6 +18,7 @@ import torch
 from amortlab.errors import AmortlabError
 from amortlab.build import compose_config, read_checkpoint
 from amortlab.run import run
+from tests.conftest import ROOT
 
 BASE = ["logger=none", "trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2"]
 SEEDS = (3, 5)
@@ -139,6 +143,7 @@ def test_a_member_checkpoint_resumes_alone_like_an_uninterrupted_run(tmp_path):
     (["inference=sa_vae"], "is not stackable"),
     (["ckpt_path=/nonexistent/last.ckpt"], "neither evaluates nor resumes"),
     (["trainer.gradient_clip_val=1.0"], "couples them"),
+    (["+trainer.max_time=00:00:01:00"], "wall-clock budget"),
 ])
 def test_what_cannot_stack_is_refused_with_the_fix(extra, named, tmp_path):
     with pytest.raises(AmortlabError, match=named):
@@ -146,6 +151,26 @@ def test_what_cannot_stack_is_refused_with_the_fix(extra, named, tmp_path):
     for s in SEEDS:
         r = json.loads((tmp_path / "stack" / f"seed{s}" / "results.json").read_text())
         assert r["status"] == "failed" and r["reason"] == "config" and named in r["error"]
+
+
+def test_a_wall_clock_budget_is_refused_by_train_py_with_the_fix(tmp_path):
+    """trainer.max_time (set by experiment=hierarchy_mnist_reduced) would be one budget for all stacked models:
+    train.py refuses it before training, naming the fixes, and each member's results.json says why (the run is
+    kept small, in case it trains)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path}", "logger=none",
+                           "experiment=hierarchy_mnist_reduced", "stack.seeds=[0,1]",
+                           "trainer.max_epochs=1", "trainer.limit_train_batches=2", "test=false"],  # small if run
+                          cwd=ROOT, env={**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    message = " ".join(proc.stderr.split("amortlab error:")[-1].split())
+    for fix in ("trainer.max_time=00:00:03:00", "drop stack.seeds", "stack=false", "trainer.max_time=null",
+                "trainer.max_epochs", "trainer.max_steps"):
+        assert fix in message
+    for s in (0, 1):
+        r = json.loads((tmp_path / f"seed{s}" / "results.json").read_text())
+        assert r["status"] == "failed" and r["reason"] == "config" and r["error"] == message
+        assert not (tmp_path / f"seed{s}" / "checkpoints").exists()
 
 
 def test_duplicate_seeds_are_refused(tmp_path):

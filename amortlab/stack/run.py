@@ -115,6 +115,13 @@ def check_stackable(cfg: DictConfig) -> None:
     if devices not in (1, "1", "auto", None) or nodes not in (1, None) or "ddp" in str(cfg.trainer.get("strategy")):
         raise AmortlabError("stack.seeds runs the stacked models in one process on one device; drop trainer=ddp (or "
                             "run one stacked job per device).")
+    if cfg.trainer.get("max_time") is not None:
+        raise AmortlabError(
+            f"trainer.max_time={cfg.trainer.max_time} is a wall-clock budget; stacked models would share one, so each "
+            f"would train for an unknown part of its single run (the numbers would not be that run's). Train one run "
+            f"per seed (drop stack.seeds; in sweep.py: stack=false, which a study does by itself for such settings), "
+            f"or bound training by progress instead: trainer.max_time=null with trainer.max_epochs or "
+            f"trainer.max_steps.")
     if cfg.trainer.get("gradient_clip_val"):
         raise AmortlabError("trainer.gradient_clip_val clips the norm of all stacked models' gradients together, "
                             "which couples them; drop it or train one run per seed (no stack.seeds).")
