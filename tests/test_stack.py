@@ -2,9 +2,14 @@
 
 Every comparison is against runs made independently by the ordinary single-run path (``run``), never against a
 value the stacked path computed itself: weights and optimiser state after the first steps, the per-epoch validation
-score that chose best.ckpt, the final test numbers, the results.json format, and a member checkpoint resumed alone.
+score that chose best.ckpt, the final test numbers, the results.json format, each member's logged history, and a
+member checkpoint resumed alone.
 """
+import csv
 import json
+import os
+import subprocess
+import sys
 
 import lightning as L
 import pytest
@@ -13,6 +18,7 @@ import torch
 from amortlab.errors import AmortlabError
 from amortlab.build import compose_config, read_checkpoint
 from amortlab.run import run
+from tests.conftest import ROOT
 
 BASE = ["logger=none", "trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2"]
 SEEDS = (3, 5)
@@ -90,6 +96,35 @@ def _same_but_paths(a, b) -> bool:
     return sa == sb
 
 
+def _logged(run_dir):
+    """The rows a run's CSV logger wrote, in order: (epoch, step, {key: value})."""
+    (path,) = (run_dir / "csv").glob("version_*/metrics.csv")
+    with path.open() as f:
+        return [(row.pop("epoch"), int(row.pop("step")), {k: float(v) for k, v in row.items() if v != ""})
+                for row in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("extra", [[], ["inference.fused_steps=2"]], ids=["lightning-steps", "fused-steps"])
+def test_each_member_logs_the_history_of_its_single_run(extra, tmp_path):
+    """logger=csv: each member's metrics.csv is its single run's, row for row: the same keys (no per-epoch
+    val_epoch/mutual_info, which a single run does not estimate), steps and epochs for the training loss (every
+    trainer.log_every_n_steps), the annealing weight, the per-epoch validation and the final evaluation, and the
+    same values to float tolerance (wall-clock times aside)."""
+    extra = ["trainer.log_every_n_steps=2", "annealing=entropy", "importance_samples.test=5", *extra]
+    singles = {s: _single(tmp_path, s, "logger=csv", *extra) for s in SEEDS}
+    stack_dir, out = _stacked(tmp_path, "logger=csv", *extra)
+    assert out["status"] == "ok"
+    for s in SEEDS:
+        a, b = _logged(singles[s]), _logged(stack_dir / f"seed{s}")
+        assert [(e, step, sorted(v)) for e, step, v in a] == [(e, step, sorted(v)) for e, step, v in b]
+        for (_, step, va), (_, _, vb) in zip(a, b):
+            for k, v in va.items():
+                if not k.endswith("infer_seconds"):
+                    assert v == pytest.approx(vb[k], rel=1e-5, abs=1e-5), (step, k)
+        logged = {k for *_, v in a for k in v}
+        assert {"train/loss", "train/anneal_weight", "val_epoch/nll", "val/nll", "test/nll"} <= logged
+
+
 def test_a_member_checkpoint_resumes_alone_like_an_uninterrupted_run(tmp_path):
     """Stacked for one epoch, then member 5 resumed as a single run for a second epoch = a single run of two."""
     straight = _single(tmp_path, 5)
@@ -108,6 +143,7 @@ def test_a_member_checkpoint_resumes_alone_like_an_uninterrupted_run(tmp_path):
     (["inference=sa_vae"], "is not stackable"),
     (["ckpt_path=/nonexistent/last.ckpt"], "neither evaluates nor resumes"),
     (["trainer.gradient_clip_val=1.0"], "couples them"),
+    (["+trainer.max_time=00:00:01:00"], "wall-clock budget"),
 ])
 def test_what_cannot_stack_is_refused_with_the_fix(extra, named, tmp_path):
     with pytest.raises(AmortlabError, match=named):
@@ -115,6 +151,26 @@ def test_what_cannot_stack_is_refused_with_the_fix(extra, named, tmp_path):
     for s in SEEDS:
         r = json.loads((tmp_path / "stack" / f"seed{s}" / "results.json").read_text())
         assert r["status"] == "failed" and r["reason"] == "config" and named in r["error"]
+
+
+def test_a_wall_clock_budget_is_refused_by_train_py_with_the_fix(tmp_path):
+    """trainer.max_time (set by experiment=hierarchy_mnist_reduced) would be one budget for all stacked models:
+    train.py refuses it before training, naming the fixes, and each member's results.json says why (the run is
+    kept small, in case it trains)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path}", "logger=none",
+                           "experiment=hierarchy_mnist_reduced", "stack.seeds=[0,1]",
+                           "trainer.max_epochs=1", "trainer.limit_train_batches=2", "test=false"],  # small if run
+                          cwd=ROOT, env={**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    message = " ".join(proc.stderr.split("amortlab error:")[-1].split())
+    for fix in ("trainer.max_time=00:00:03:00", "drop stack.seeds", "stack=false", "trainer.max_time=null",
+                "trainer.max_epochs", "trainer.max_steps"):
+        assert fix in message
+    for s in (0, 1):
+        r = json.loads((tmp_path / f"seed{s}" / "results.json").read_text())
+        assert r["status"] == "failed" and r["reason"] == "config" and r["error"] == message
+        assert not (tmp_path / f"seed{s}" / "checkpoints").exists()
 
 
 def test_duplicate_seeds_are_refused(tmp_path):

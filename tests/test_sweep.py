@@ -398,6 +398,15 @@ settings:
     assert "no results.json" in (out / "failures.md").read_text()
 
 
+def test_a_stacking_study_runs_settings_with_a_wall_clock_budget_one_run_per_seed(tmp_path):
+    """stack=true on a study whose experiment sets trainer.max_time (hierarchy_reduced: 3 minutes per run), which a
+    stacked run refuses: its stackable settings (amortized, ladder) launch one run per seed, not stack.seeds."""
+    proc = run_sweep("study=hierarchy_reduced", "stack=true", "dry_run=true", f"out_dir={tmp_path}", check_rc=0)
+    commands = proc.stdout.split("commands:")[1]
+    assert "+setting=one_layer,bottom_up,iterative_t5,bottom_up_warmup,top_down_warmup seed=0,1" in commands
+    assert "stack." not in commands
+
+
 def test_a_stacking_study_stacks_the_seeds_of_stackable_settings_only(tmp_path):
     """stack: true -> the amortized setting's seeds run as one stacked job (members in runs/<id>/seed<s>, the same
     files as single runs), a sigma grid's settings x seeds as one job stacking the values too, the SA-VAE setting

@@ -6,9 +6,11 @@
     sum_i -(1/B) sum_b L_k(x_{i,b})        (model i's own batch x_i, its own noise stream)
 
 so each model's gradient is exactly its single run's (parameters are disjoint; Adam is elementwise), and per-epoch
-validation keeps one set of exact means per model. Noise: training draws come from each member's generator (the
-state its single run's global RNG has when training starts), evaluation draws from the per-batch seeded generator
-as in a single run (``amortlab.distributions.noise``).
+validation keeps one set of exact means per model. Each model's values are logged where its single run logs them
+(``self.log`` in the same hooks, under ``amortlab.stack.records.member_key``), so the trainer's ``MemberLogs`` holds
+each model's logged history with the single run's keys and steps. Noise: training draws come from each member's
+generator (the state its single run's global RNG has when training starts), evaluation draws from the per-batch
+seeded generator as in a single run (``amortlab.distributions.noise``).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from amortlab.distributions import noise
 from amortlab.errors import AmortlabError, NonFiniteLossError
 from amortlab.finite import FIX
 from amortlab.stack.layers import member_state, stack_modules
+from amortlab.stack.records import member_key
 from amortlab.stack.values import scale_lr_per_model
 
 
@@ -34,7 +37,7 @@ class StackedTraining:
     rng_states: each member's (CPU state, CUDA state or None) at the start of training.
     member_val: one ``SplitMetrics`` per member. alive: members still training (``[N]`` bool; a member whose loss
     becomes non-finite stops, the others go on). diverged: {member: message}. val_results: the last per-epoch
-    validation means per member. train_history: (step, losses ``[N]``) every ``log_every_n_steps`` steps.
+    validation means per member.
     """
 
     n_stack: int
@@ -43,7 +46,6 @@ class StackedTraining:
     member_val: nn.ModuleList
     diverged: dict[int, str]
     val_results: list[dict[str, float]]
-    train_history: list[tuple[int, Tensor]]
 
     def batch_mean(self, values: Tensor) -> Tensor:
         return values.reshape(self.n_stack, -1).mean(1)
@@ -71,10 +73,19 @@ class StackedTraining:
         elif not bool(finite.all()):
             self._diverge(losses, finite, batch_idx)
         if self.global_step % self.log_every_n_steps == 0:
-            self.train_history.append((self.global_step, losses.detach()))
+            self.log_train_loss(losses)
         self.last_losses = losses.detach()
         # a diverged member's rows are NaN in its own block only (every layer is per model, every other op per row)
         return torch.where(self.alive, losses, torch.zeros_like(losses)).sum()
+
+    def log_train_loss(self, loss: Tensor) -> None:
+        """Each training member's ``train/loss`` (``loss`` ``[N]``), logged as its single run logs its own."""
+        values = {member_key(i, "train/loss"): loss[i].detach() for i in range(self.n_stack) if i not in self.diverged}
+        if self.automatic_optimization:
+            self.log_dict(values, on_step=True, on_epoch=False)
+        else:  # fused steps: at the optimiser step it belongs to (as ELBOModule.log_train_loss)
+            for logger in self.loggers:
+                logger.log_metrics({k: float(v) for k, v in values.items()}, step=self.global_step)
 
     def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
         """Deferred check (``amortlab.finite``): record the members whose loss turned non-finite since the last
@@ -112,7 +123,7 @@ class StackedTraining:
         n = self.n_stack
         stacked_batch = Batch(batch.x.repeat(n, 1), batch.first_index)
         with noise.stacked(n, self.generators if hasattr(self, "generators") else []):
-            out = self.evaluate_batch(stacked_batch, self.k_val, "val")
+            out = self.evaluate_batch(stacked_batch, self.k_val, "val", mutual_info=self.val_mutual_info)
         z_mean = out.pop("z_mean")
         for i, metrics in enumerate(self.member_val):
             metrics.update({k: v.reshape(n, -1)[i] for k, v in out.items()}, z_mean.reshape(n, -1, z_mean.shape[-1])[i])
@@ -121,6 +132,8 @@ class StackedTraining:
         results = [m.compute("val_epoch") for m in self.member_val]
         if not self.trainer.sanity_checking:
             self.val_results = [{k: float(v) for k, v in r.items()} for r in results]
+            self.log_dict({member_key(i, k): v for i, r in enumerate(results) if i not in self.diverged
+                           for k, v in r.items()}, sync_dist=False)
 
     def configure_optimizers(self):
         out = super().configure_optimizers()
@@ -154,6 +167,9 @@ def stack_method(members: Sequence, rng_states: Sequence[tuple[Tensor, Tensor | 
             f"stackable yet. Drop stack.seeds (one run per seed), or in sweep.py set the study's stack: false.")
     if any(type(m) is not type(first) for m in members):
         raise AmortlabError("stacked models must all use the same method.")
+    if first.val_mutual_info:  # its groups of MI_GROUP rows would span the stacked models' blocks
+        raise AmortlabError(f"{type(first).__name__} estimates I_q(x; z) in every validation, which stack.seeds does "
+                            f"not do per model; drop stack.seeds (one run per seed).")
     stacked = stack_modules(members)
     stacked.__class__ = _stacked_class(type(first))
     n = len(members)
@@ -162,7 +178,7 @@ def stack_method(members: Sequence, rng_states: Sequence[tuple[Tensor, Tensor | 
     stacked.rng_states = list(rng_states)
     stacked.member_val = nn.ModuleList(copy.deepcopy(first.val_metrics) for _ in range(n))
     stacked.register_buffer("alive", torch.ones(n, dtype=torch.bool), persistent=False)
-    stacked.diverged, stacked.val_results, stacked.train_history = {}, [], []
+    stacked.diverged, stacked.val_results = {}, []
     stacked.lr_scale = None
     return stacked
 

@@ -1,5 +1,6 @@
-"""What each stacked member keeps of a stacked fit: its checkpoints (a single run's format), its per-epoch values
-(for its W&B run) and a line per epoch on the console.
+"""What each stacked member keeps of a stacked fit: its checkpoints (a single run's format), its logged values
+(``MemberLogs``: what its single run's logger receives, replayed into the member's own logger after training) and a
+line per epoch on the console.
 
 A member checkpoint is the stacked trainer's checkpoint with the member's slice of every tensor: ``state_dict``
 (the member's own keys), the optimiser state, its ``amortlab_config`` and noise stream, and the state of the
@@ -9,17 +10,68 @@ member's own ``ModelCheckpoint`` callbacks. So ``train=false ckpt_path=...`` eva
 from __future__ import annotations
 
 import logging
+import re
 import time
+from collections.abc import Container
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 
 from amortlab.stack.values import member_lr_state
 
 log = logging.getLogger("amortlab")
+
+
+_MEMBER_KEY = re.compile(r"^stack\.member(\d+)/(.+)$")
+
+
+def member_key(i: int, name: str) -> str:
+    """The key under which the stacked module logs member i's value ``name`` (``MemberLogs`` gives it back as
+    ``name`` to member i only)."""
+    return f"stack.member{i}/{name}"
+
+
+class MemberLogs(Logger):
+    """The stacked trainer's logger: writes nothing, keeps every ``log_metrics`` call split per member.
+
+    A key ``member_key(i, name)`` goes to member i as ``name``; any other key (Lightning's ``epoch``, a shared
+    callback's value such as ``train/anneal_weight``) to every member. A call is kept for member i when it holds a
+    value of i's own or a shared value other than ``epoch``, and i is not in ``stopped`` (the diverged members: their
+    single runs end there; Lightning would repeat a member's last step value).
+    ``calls[i]``: ``[(metrics, step)]`` in the order Lightning logged them, with its step axis and ``epoch``, i.e.
+    what member i's single run hands its logger during training (``run_stacked`` replays them into it).
+    """
+
+    def __init__(self, n: int, stopped: Container[int]):
+        super().__init__()
+        self.calls: list[list[tuple[dict[str, float], int | None]]] = [[] for _ in range(n)]
+        self.stopped = stopped
+
+    @property
+    def name(self) -> str:
+        return "stack"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        """Nothing: each member's logger gets its own config when it is built."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        split = [(_MEMBER_KEY.match(k), k, v) for k, v in metrics.items()]
+        shared = any(m is None and k != "epoch" for m, k, _ in split)
+        for i, calls in enumerate(self.calls):
+            if i in self.stopped:
+                continue
+            own = {m[2]: v for m, _, v in split if m is not None and int(m[1]) == i}
+            if own or shared:
+                calls.append(({(k if m is None else m[2]): v for m, k, v in split if m is None or int(m[1]) == i},
+                              step))
 
 
 def slice_optimizer_state(state: dict, i: int, shapes: list[torch.Size]) -> dict:
@@ -33,7 +85,7 @@ def slice_optimizer_state(state: dict, i: int, shapes: list[torch.Size]) -> dict
 
 class MemberRecords(L.Callback):
     """Per-member checkpoints (``best``: lowest ``val_epoch/nll``; ``last``: every ``every_n_epochs`` and at the end
-    of training), per-epoch history and the epoch line. ``checkpoints[i]``: member i's ``ModelCheckpoint``
+    of training) and the epoch line. ``checkpoints[i]``: member i's ``ModelCheckpoint``
     callbacks by name (built from its own config; only their settings and recorded state are used).
     ``configs[i]``: the member's resolved config. ``log_every``: the epoch line's cadence (the run's
     ``callbacks.epoch_log.every_n_epochs``; None: no line)."""
@@ -41,7 +93,6 @@ class MemberRecords(L.Callback):
     def __init__(self, checkpoints: list[dict[str, ModelCheckpoint]], configs: list[dict[str, Any]],
                  names: list[str], log_every: int | None = 1):
         self.checkpoints, self.configs, self.names, self.log_every = checkpoints, configs, names, log_every
-        self.history: list[list[tuple[int, dict[str, float]]]] = [[] for _ in configs]
         self._t0 = 0.0
         self._step0 = 0
         self._full: dict | None = None
@@ -57,7 +108,6 @@ class MemberRecords(L.Callback):
         for i, values in enumerate(pl_module.val_results):
             if i in pl_module.diverged:
                 continue
-            self.history[i].append((trainer.global_step, values))
             for cb in self.checkpoints[i].values():
                 if cb.monitor and cb.monitor in values and self._due(cb, epoch):
                     score = torch.tensor(values[cb.monitor])

@@ -1,12 +1,14 @@
 """``train.py stack.seeds=[s1,...,sN]``: N runs of one config, differing in seed, trained as one stacked computation
 (with ``stack.key=K stack.values=[v1,...]`` also in one setting: members = values x seeds, ``amortlab.stack.values``).
 
-Each member gets what its single run would write, in its own directory (``stack.dir``, default ``seed{seed}`` under
-the run dir): ``.hydra/config.yaml`` and ``overrides.yaml`` (as if run alone), ``results.json`` (same format, plus
-``stack``), ``checkpoints/best.ckpt`` and ``last.ckpt`` (single-run format: evaluable with ``train=false`` and
-resumable alone with ``ckpt_path=``), and its own logger run (W&B: the per-epoch values are written when training
-ends, then the final evaluation, as one run per member). Training noise, data order and initial weights are the
-member's single run's, so each member's numbers equal that run's to float tolerance (tests/test_stack.py).
+Each member gets what its single run would write, in its own directory (``stack.dir``, default ``seed{seed}`` under the
+run dir): ``.hydra/config.yaml`` and ``overrides.yaml`` (as if run alone), ``results.json`` (same format, plus
+``stack``), ``checkpoints/best.ckpt`` and ``last.ckpt`` (single-run format: evaluable with ``train=false`` and resumable
+alone with ``ckpt_path=``), and its own logger run: when training ends, the values its single run would have logged
+during training (same keys, steps and ``epoch``; ``amortlab.stack.records.MemberLogs``), then the final evaluation at
+the step where the single run logs it (W&B: one run per member, one after another). Training noise, data order and
+initial weights are the member's single run's, so each member's numbers equal that run's to float tolerance
+(tests/test_stack.py).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from amortlab.runlock import RunLock
 from amortlab.stack.data import StackedData
 from amortlab.stack.layers import member_state
 from amortlab.stack.module import capture_rng, stack_method
-from amortlab.stack.records import MemberRecords
+from amortlab.stack.records import MemberLogs, MemberRecords
 from amortlab.stack.values import apply_values, check_values
 from amortlab.validate import check_config, check_data
 
@@ -59,7 +61,7 @@ def member_config(cfg: DictConfig, seed: int, out_dir: Path, setting: tuple[str,
 
     node = move(node)
     node["seed"] = int(seed)
-    node["stack"] = {**{k: None for k in ("seeds", "key", "values", "labels", "root")}, "dir": cfg.stack.dir}
+    node["stack"] = {k: (cfg.stack.dir if k == "dir" else None) for k in cfg.stack}  # the single run's, in order
     if name is not None:
         node["name"] = name
     member = OmegaConf.create(node)
@@ -113,6 +115,13 @@ def check_stackable(cfg: DictConfig) -> None:
     if devices not in (1, "1", "auto", None) or nodes not in (1, None) or "ddp" in str(cfg.trainer.get("strategy")):
         raise AmortlabError("stack.seeds runs the stacked models in one process on one device; drop trainer=ddp (or "
                             "run one stacked job per device).")
+    if cfg.trainer.get("max_time") is not None:
+        raise AmortlabError(
+            f"trainer.max_time={cfg.trainer.max_time} is a wall-clock budget; stacked models would share one, so each "
+            f"would train for an unknown part of its single run (the numbers would not be that run's). Train one run "
+            f"per seed (drop stack.seeds; in sweep.py: stack=false, which a study does by itself for such settings), "
+            f"or bound training by progress instead: trainer.max_time=null with trainer.max_epochs or "
+            f"trainer.max_steps.")
     if cfg.trainer.get("gradient_clip_val"):
         raise AmortlabError("trainer.gradient_clip_val clips the norm of all stacked models' gradients together, "
                             "which couples them; drop it or train one run per seed (no stack.seeds).")
@@ -228,12 +237,13 @@ def _run_stacked(cfg: DictConfig, plan: list[Member], records: list[RunRecord], 
     records_cb = MemberRecords(ckpt_cbs, [m.run_config for m in members], [d.name for d in dirs],
                                epoch_log.every if epoch_log else None)
     throughput = Throughput()
+    member_logs = MemberLogs(len(members), stacked.diverged) if cfg.logger else False
     # per-run callbacks are replaced (checkpoints, throughput, epoch line: MemberRecords) or not drawn (image
     # panels); every other one (annealing, a user's +callbacks.NAME) sees the stacked module
     shared = [cb for cb in member_cbs[0].values()
               if not isinstance(cb, (ModelCheckpoint, Throughput, EpochLog, ImagePanels))]
     fit_data, fused = fused_fit(StackedData(dm, [c.dataset.seed for c in cfgs]), stacked.fused_steps, cfgs[0].trainer)
-    trainer: L.Trainer = instantiate_group(cfgs[0].trainer, "trainer", logger=False, enable_checkpointing=False,
+    trainer: L.Trainer = instantiate_group(cfgs[0].trainer, "trainer", logger=member_logs, enable_checkpointing=False,
                                            callbacks=[throughput, records_cb, *shared], **fused)
     log.info("amortlab: training %d models as one stacked computation (seeds %s%s) -> %s", len(seeds), seeds,
              f", {cfg.stack.key} {values}" if values else "",
@@ -247,9 +257,12 @@ def _run_stacked(cfg: DictConfig, plan: list[Member], records: list[RunRecord], 
                 raise
     fit_s = round(time.perf_counter() - t0, 3)
     aggregate = throughput.images_per_s
+    # where the single run's trainer stands after fitting: its final evaluation is logged at this step and epoch
+    fit_state = Progress(trainer.fit_loop.epoch_loop._batches_that_stepped, trainer.current_epoch)
 
     out: list[dict[str, Any]] = []
     for i, (c, module, record) in enumerate(zip(cfgs, members, records)):
+        calls = member_logs.calls[i] if member_logs else []
         res = record.results
         res["timing"].update(fit_s=fit_s, epochs=trainer.current_epoch, steps=trainer.global_step,
                              train_images_per_s=round(aggregate / len(seeds), 1) if aggregate else None,
@@ -261,17 +274,19 @@ def _run_stacked(cfg: DictConfig, plan: list[Member], records: list[RunRecord], 
                             f"{trainer.global_step}; not evaluated. "
                             + (f"Resume this member alone with ckpt_path={last}." if last else
                                "No checkpoint was written yet."))
+            _replay(c, module, record, calls, fit_state)
             record.write()
+            record.close_logger()
             out.append(res)
             continue
         if i in stacked.diverged:
-            _replay(c, module, record, records_cb.history[i], stacked, i)
+            _replay(c, module, record, calls, fit_state)
             record.fail(NonFiniteLossError(stacked.diverged[i]))
             record.close_logger()
             out.append(res)
             continue
         module.load_state_dict(member_state(stacked, i))
-        out.append(_finish_member(c, module, dm, record, records_cb.history[i], stacked, i))
+        out.append(_finish_member(c, module, dm, record, calls, fit_state))
         record.close_logger()  # one logger run open at a time (W&B: one run per process at a time)
     status = "interrupted" if trainer.interrupted else ("ok" if all(r["status"] == "ok" for r in out) else "failed")
     if trainer.interrupted:
@@ -279,22 +294,31 @@ def _run_stacked(cfg: DictConfig, plan: list[Member], records: list[RunRecord], 
     return {"status": status, "members": out, "metrics": {}}
 
 
-def _replay(cfg: DictConfig, module, record: RunRecord, history, stacked, i: int) -> L.Trainer:
-    """The member's logger, with its per-epoch values and training losses of the stacked fit; a trainer to
-    evaluate the member with (logging to it)."""
+class Progress(NamedTuple):
+    """The logging position of a trainer after fitting: Lightning's step axis (optimiser steps taken) and epoch."""
+
+    step: int
+    epoch: int
+
+
+def _replay(cfg: DictConfig, module, record: RunRecord, calls, fit_state: Progress) -> L.Trainer:
+    """The member's logger, holding what its single run logged during training (``calls``: ``MemberLogs.calls[i]``);
+    a trainer to evaluate the member with, logging to it at the step and epoch ``fit_state`` (the single run
+    evaluates with its fitted trainer, so it logs there)."""
     logger = record.logger = build_logger(cfg, module, record.results["data"]["name"])
     if logger:
         logger.log_hyperparams(module.run_config)
-        for step, losses in stacked.train_history:
-            logger.log_metrics({"train/loss": float(losses[i])}, step=step)
-        for step, values in history:
-            logger.log_metrics(values, step=step)
-    return instantiate_group(cfg.trainer, "trainer", logger=logger, callbacks=[], enable_checkpointing=False)
+        for metrics, step in calls:
+            logger.log_metrics(metrics, step=step)
+    trainer = instantiate_group(cfg.trainer, "trainer", logger=logger, callbacks=[], enable_checkpointing=False)
+    trainer.fit_loop.epoch_loop._batches_that_stepped = fit_state.step  # Lightning's step axis for logging
+    trainer.fit_loop.epoch_progress.current.completed = fit_state.epoch  # trainer.current_epoch
+    return trainer
 
 
-def _finish_member(cfg: DictConfig, module, dm, record: RunRecord, history, stacked, i: int) -> dict[str, Any]:
+def _finish_member(cfg: DictConfig, module, dm, record: RunRecord, calls, fit_state: Progress) -> dict[str, Any]:
     res, timing = record.results, record.results["timing"]
-    trainer = _replay(cfg, module, record, history, stacked, i)
+    trainer = _replay(cfg, module, record, calls, fit_state)
     ckpts = {name.removeprefix("checkpoint_"): cb.best_model_path or None for name, cb in record.callbacks.items()}
     best = ckpts.get("best") or ""
     eval_ckpt = best if (cfg.evaluation.ckpt == "best" and best) else None

@@ -135,13 +135,17 @@ def write_setting_files(settings: list[Setting], settings_dir: Path, study_name:
 
 def _stackable(cfg) -> frozenset[str] | None:
     """None when the composed config's method cannot train its seeds as one stacked computation
-    (``amortlab.stack``); else the config keys whose values its stacked models may also differ in."""
+    (``amortlab.stack``), or when it trains for a wall-clock budget (``trainer.max_time``, which stacked models
+    would share; ``check_stackable`` refuses it); else the config keys whose values its stacked models may also differ
+    in."""
     from hydra.utils import get_class
 
     from amortlab.stack.values import stackable_keys
 
     try:
         if not getattr(get_class(cfg.inference._target_), "stackable", False):
+            return None
+        if cfg.trainer.get("max_time") is not None:
             return None
         return frozenset(stackable_keys(cfg))
     except Exception:  # noqa: BLE001  (an unimportable target fails properly at launch, with its own message)
