@@ -325,7 +325,7 @@ def test_bottom_up_q_density_bound_and_gradients_against_explicit_formulas():
 
 
 def _sonderby_ladder(m, x):
-    """Sønderby et al. 2016.s ladder inference model, with its parameters read by name: the deterministic path
+    """Sønderby et al. 2016's ladder inference model, with its parameters read by name: the deterministic path
     d_1 = MLP(x), d_2 = MLP(d_1) (tanh after every layer), heads mu^_n = Linear(d_n),
     sigma^_n^2 = softplus(Linear(d_n));
     q(z2 | x) = N(mu^_2, sigma^_2^2); q(z1 | z2, x) = N(mu_q, sigma_q^2), sigma_q^2 = 1 / (sigma^_1^-2 + sigma_p^-2),
@@ -569,6 +569,29 @@ def test_cli_refuses_one_layer_pieces_with_a_hierarchy(tmp_path, overrides, says
     assert says in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
     r = results(tmp_path)  # the run's record: refused before anything was built or trained
     assert r["status"] == "failed" and r["reason"] == "config" and not (tmp_path / "checkpoints").exists()
+
+
+def test_cli_refuses_to_evaluate_a_checkpoint_of_the_earlier_ladder(tmp_path):
+    """A checkpoint as the earlier ladder wrote it (inference.encoder = the model's BottomUpEncoder, weights
+    encoder.nets.*): evaluating it is refused with the reason (results.json: failed, config), not a traceback; so are
+    its weights under today's stored config."""
+    train(*FAST, "inference=ladder", run_dir=tmp_path / "fit")
+    ckpt = torch.load(results(tmp_path / "fit")["checkpoints"]["last"], weights_only=True)
+    enc = ckpt["amortlab_config"]["model"]["encoder"]
+    earlier = BottomUpEncoder(enc["x_dim"], enc["latent_dims"], enc["hidden"], enc["activation"]).state_dict()
+    ckpt["state_dict"] = {**{k: v for k, v in ckpt["state_dict"].items() if not k.startswith("encoder.")},
+                          **{f"encoder.{k}": v for k, v in earlier.items()}}
+    torch.save(ckpt, tmp_path / "weights.ckpt")  # the earlier weights, today's config
+    ckpt["amortlab_config"]["inference"]["encoder"] = enc
+    del ckpt["amortlab_config"]["model"]["ladder_encoder"]
+    torch.save(ckpt, tmp_path / "earlier.ckpt")  # the earlier ladder's checkpoint
+    for name, says in [("earlier", "Retrain the ladder"), ("weights", "earlier inference=ladder")]:
+        proc = train("train=false", f"ckpt_path={tmp_path / name}.ckpt", "logger=none", run_dir=tmp_path / name,
+                     check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert says in proc.stderr + proc.stdout and "Retrain the ladder" in proc.stderr + proc.stdout
+        r = results(tmp_path / name)
+        assert r["status"] == "failed" and r["reason"] == "config"
 
 
 @pytest.mark.slow
