@@ -3,8 +3,9 @@
 The linear-Gaussian two-layer model p(z2) = N(0, I), p(z1 | z2) = N(A z2 + c, diag v1), p(x | z1) = N(W z1 + b, s^2 I)
 is one joint Gaussian over (z1, z2, x): its log p(x), posterior mean and covariance, and the best factorised Gaussian
 (mean = posterior mean, variances 1 / diag(posterior precision)) are computed here from the joint covariance alone,
-independently of the library's layer-by-layer densities. Every bound and scheme is checked against them; the ladder's
-and the bottom-up q's densities and gradients against formulas written out from scratch.
+independently of the library's layer-by-layer densities. Every bound and scheme is checked against them; the bottom-up
+q's densities and gradients against formulas written out from scratch, the ladder's q against Sønderby et al.'s
+equations evaluated with its parameters read by name.
 """
 import math
 
@@ -24,7 +25,7 @@ from amortlab.methods import SAVAE, AmortizedVAE, IterativeVAE, LadderVAE
 from amortlab.methods.iterative import _q
 from amortlab.metrics import SplitMetrics
 from amortlab.models import HierarchicalModel
-from amortlab.nets import BottomUpEncoder, LinearGaussianDecoder, LinearGaussianEncoder
+from amortlab.nets import BottomUpEncoder, LadderEncoder, LinearGaussianDecoder, LinearGaussianEncoder
 from amortlab.objectives import LOG_2PI
 from tests.test_cli import results, train
 
@@ -113,6 +114,16 @@ def encoder(seed: int = 3) -> BottomUpEncoder:
     return BottomUpEncoder(X, (D1, D2), [[16], [16]]).double()
 
 
+def ladder_encoder(seed: int = 3) -> LadderEncoder:
+    """d_1 = MLP(x) 16-3, d_2 = MLP(d_1) 8; d_1 has D1 units, so a path that fed mu^_1 upward would run too."""
+    torch.manual_seed(seed)
+    return LadderEncoder(X, (D1, D2), [[16, D1], [8]]).double()
+
+
+def ladder(model: HierarchicalModel, **kwargs) -> LadderVAE:
+    return LadderVAE(ladder_encoder(), model=model, **kwargs).double()
+
+
 def amortized(model: HierarchicalModel, k: int = 1) -> AmortizedVAE:
     return AmortizedVAE(encoder(), model=model, importance_samples={"train": k, "val": 10, "test": 100}).double()
 
@@ -172,7 +183,7 @@ def test_exact_posterior_as_q_gives_log_px_for_every_sample():
 @pytest.mark.parametrize("scheme", ["bottom_up", "ladder"])
 def test_iwae_bounds_below_log_px_and_rising_in_k(scheme):
     model = linear_hierarchy()
-    m = amortized(model) if scheme == "bottom_up" else LadderVAE(encoder(), model=model).double()
+    m = amortized(model) if scheme == "bottom_up" else ladder(model)
     x = data(model, 8)
     log_px = exact(model, x)[0]
     q = m.infer(x)
@@ -220,7 +231,7 @@ def test_qstar_ffg_of_a_layered_q_starts_at_its_moments_not_its_point_estimate()
     from amortlab.evaluation.gaps import local_family
 
     model = linear_hierarchy()
-    m = LadderVAE(encoder(), model=model).double()
+    m = ladder(model)
     x = data(model, 6)
     q = m.infer(x)
     assert not q.capabilities.factorised and DiagGaussian.capabilities.factorised
@@ -269,46 +280,34 @@ def _explicit_log_joint(model, x, z1, z2):
             + _lognormal(x, z1 @ dec.W.T + dec.b, s2.expand_as(x)))
 
 
-def _explicit_bound(m, x, k, scheme, seed):
-    """L_k per point with the library's noise stream (one eps [k, B, Z], layer order), everything written out."""
+def _explicit_bound(m, x, k, seed):
+    """L_k per point of the bottom-up q with the library's noise stream (one eps [k, B, Z], layer order), everything
+    written out."""
     torch.manual_seed(seed)
     eps = torch.randn(k, len(x), Z, dtype=F64)
     e1, e2 = eps[..., :D1], eps[..., D1:]
-    enc, cond = m.encoder, m.model.conditionals[0]
+    enc = m.encoder
     h1 = enc.nets[0](x)
     mu1, lv1 = h1[:, :D1], h1[:, D1:]
-    if scheme == "bottom_up":  # z1 ~ q(z1 | x), z2 ~ q(z2 | z1)
-        z1 = mu1 + torch.exp(0.5 * lv1) * e1
-        h2 = enc.nets[1](z1)
-        mu2, lv2 = h2[..., :D2], h2[..., D2:]
-        z2 = mu2 + torch.exp(0.5 * lv2) * e2
-        log_q = _lognormal(z1, mu1, lv1.exp()) + _lognormal(z2, mu2, lv2.exp())
-    else:  # ladder: z2 from its bottom-up estimate (fed mu1), z1 from estimate x prior by precisions
-        h2 = enc.nets[1](mu1)
-        mu2, lv2 = h2[:, :D2], h2[:, D2:]
-        z2 = mu2 + torch.exp(0.5 * lv2) * e2
-        mu_p, var_p = z2 @ cond.linear.weight.T + cond.linear.bias, cond.logvar.exp()
-        prec = 1.0 / lv1.exp() + 1.0 / var_p
-        var_q = 1.0 / prec
-        mu_q = (mu1 / lv1.exp() + mu_p / var_p) * var_q
-        z1 = mu_q + var_q.sqrt() * e1
-        log_q = _lognormal(z2, mu2, lv2.exp()) + _lognormal(z1, mu_q, var_q)
+    z1 = mu1 + torch.exp(0.5 * lv1) * e1  # z1 ~ q(z1 | x), z2 ~ q(z2 | z1)
+    h2 = enc.nets[1](z1)
+    mu2, lv2 = h2[..., :D2], h2[..., D2:]
+    z2 = mu2 + torch.exp(0.5 * lv2) * e2
+    log_q = _lognormal(z1, mu1, lv1.exp()) + _lognormal(z2, mu2, lv2.exp())
     lw = _explicit_log_joint(m.model, x, z1, z2) - log_q
     return torch.logsumexp(lw, 0) - math.log(k), log_q, torch.cat([z1, z2], -1)
 
 
-@pytest.mark.parametrize("scheme", ["bottom_up", "ladder"])
-def test_layered_q_density_bound_and_gradients_against_explicit_formulas(scheme):
-    """log q of the samples, the k-sample bound and the gradient of every parameter (encoder nets, p(z1 | z2) - which
-    the ladder's q also reads - and the decoder) against the same quantities written out by hand."""
+def test_bottom_up_q_density_bound_and_gradients_against_explicit_formulas():
+    """log q of the samples, the k-sample bound and the gradient of every parameter (encoder nets, p(z1 | z2) and the
+    decoder) against the same quantities written out by hand."""
     model = linear_hierarchy()
-    m = amortized(model, k=3) if scheme == "bottom_up" else LadderVAE(
-        encoder(), model=model, importance_samples={"train": 3}).double()
+    m = amortized(model, k=3)
     x = data(model, 5)
     params = list(m.parameters())
     torch.manual_seed(11)
     z, log_q = m.infer(x).rsample_with_log_prob(3)
-    ref_bound, ref_log_q, ref_z = _explicit_bound(m, x, 3, scheme, 11)
+    ref_bound, ref_log_q, ref_z = _explicit_bound(m, x, 3, 11)
     torch.testing.assert_close(z, ref_z, rtol=0, atol=1e-12)
     torch.testing.assert_close(log_q, ref_log_q, rtol=0, atol=1e-10)
     torch.testing.assert_close(m.infer(x).log_prob(z), ref_log_q, rtol=0, atol=1e-10)
@@ -323,6 +322,91 @@ def test_layered_q_density_bound_and_gradients_against_explicit_formulas(scheme)
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
     cond_grad = got[[n for n, _ in m.named_parameters()].index("model.conditionals.0.linear.weight")]
     assert cond_grad.abs().max() > 0
+
+
+def _sonderby_ladder(m, x):
+    """Sønderby et al. 2016's ladder inference model, with its parameters read by name: the deterministic path
+    d_1 = MLP(x), d_2 = MLP(d_1) (tanh after every layer), heads mu^_n = Linear(d_n),
+    sigma^_n^2 = softplus(Linear(d_n));
+    q(z2 | x) = N(mu^_2, sigma^_2^2); q(z1 | z2, x) = N(mu_q, sigma_q^2), sigma_q^2 = 1 / (sigma^_1^-2 + sigma_p^-2),
+    mu_q = (mu^_1 sigma^_1^-2 + mu_p sigma_p^-2) sigma_q^2, p(z1 | z2) = N(mu_p = A z2 + c, sigma_p^2).
+    Returns mu^_2, sigma^_2^2 ``[B, D2]`` and z2 ``[..., B, D2]`` -> (mu_q, sigma_q^2) ``[..., B, D1]``."""
+    P = dict(m.named_parameters())
+    used = set()
+
+    def linear(name, inputs):
+        used.update({f"encoder.{name}.weight", f"encoder.{name}.bias"})
+        return inputs @ P[f"encoder.{name}.weight"].T + P[f"encoder.{name}.bias"]
+
+    def softplus(a):
+        return torch.log1p(torch.exp(a))
+
+    d1 = torch.tanh(linear("paths.0.2", torch.tanh(linear("paths.0.0", x))))
+    d2 = torch.tanh(linear("paths.1.0", d1))
+    mu1_hat, var1_hat = linear("mean_heads.0", d1), softplus(linear("var_heads.0", d1))
+    mu2_hat, var2_hat = linear("mean_heads.1", d2), softplus(linear("var_heads.1", d2))
+    assert used == {n for n in P if n.startswith("encoder.")}  # the reference reads every encoder parameter
+    A, c = P["model.conditionals.0.linear.weight"], P["model.conditionals.0.linear.bias"]
+    var_p = P["model.conditionals.0.logvar"].exp()
+
+    def z1_given(z2):
+        mu_p = z2 @ A.T + c
+        var_q = 1.0 / (1.0 / var1_hat + 1.0 / var_p)
+        return (mu1_hat / var1_hat + mu_p / var_p) * var_q, var_q
+
+    return mu2_hat, var2_hat, z1_given
+
+
+def test_ladder_q_is_sonderby_et_als_top_down_q():
+    """The ladder's q against Sønderby et al.'s equations (``_sonderby_ladder``): the point estimate, z1's mean and
+    variance given z2's drawn here, log q of z's drawn here (not from the library's noise), the log q it returns with
+    its own samples, and the gradient of log q at fixed z of every parameter (encoder and p(z1 | z2))."""
+    model = linear_hierarchy()
+    m = ladder(model)
+    x = data(model, 5)
+    q = m.infer(x)
+    mu2, var2, z1_given = _sonderby_ladder(m, x)
+    mu1_pt, var1_pt = z1_given(mu2)
+    want_pack = torch.cat([mu1_pt, mu2, var1_pt.log().expand_as(mu1_pt), var2.log()], -1)
+    torch.testing.assert_close(q.pack(), want_pack, rtol=0, atol=1e-12)
+    z = 1.5 * torch.randn(7, 5, Z, dtype=F64, generator=torch.Generator().manual_seed(4))
+    mu_q, var_q = z1_given(z[..., D1:])
+    got_mu, got_logvar = q.conditional(0, {1: z[..., D1:]})
+    torch.testing.assert_close(got_mu, mu_q, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got_logvar, var_q.log().expand_as(got_logvar), rtol=0, atol=1e-12)
+
+    def ref_log_q(z):
+        mu_q, var_q = z1_given(z[..., D1:])
+        return _lognormal(z[..., D1:], mu2, var2) + _lognormal(z[..., :D1], mu_q, var_q)
+
+    want = ref_log_q(z)
+    got = q.log_prob(z)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    zs, log_q = q.rsample_with_log_prob(50, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(log_q, ref_log_q(zs), rtol=0, atol=1e-10)
+    params = [p for _, p in m.named_parameters()]
+    g_got = torch.autograd.grad(got.sum(), params, allow_unused=True, retain_graph=True)
+    g_want = torch.autograd.grad(want.sum(), params, allow_unused=True)
+    for (name, _), a, b in zip(m.named_parameters(), g_got, g_want):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
+        if name.startswith("encoder.") or name.startswith("model.conditionals."):
+            assert a is not None and a.abs().max() > 0, name
+
+
+def test_ladder_refuses_the_earlier_ladders_encoder_and_weights():
+    """The earlier ladder (a BottomUpEncoder whose layer 2 read mu^_1) cannot be built or loaded: a reason, not a list
+    of missing keys."""
+    model = linear_hierarchy()
+    with pytest.raises(AmortlabError, match="Retrain the ladder"):
+        LadderVAE(encoder(), model=model)
+    m = ladder(model)
+    old = {k: v for k, v in m.state_dict().items() if not k.startswith("encoder.")}
+    old.update({f"encoder.{k}": v for k, v in encoder().state_dict().items()})  # the earlier ladder's state_dict
+    with pytest.raises(AmortlabError, match="earlier inference=ladder"):
+        m.load_state_dict(old)
+    m.load_state_dict(ladder(model).state_dict())
 
 
 def test_pack_is_the_point_estimate_of_each_layer():
@@ -485,6 +569,29 @@ def test_cli_refuses_one_layer_pieces_with_a_hierarchy(tmp_path, overrides, says
     assert says in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
     r = results(tmp_path)  # the run's record: refused before anything was built or trained
     assert r["status"] == "failed" and r["reason"] == "config" and not (tmp_path / "checkpoints").exists()
+
+
+def test_cli_refuses_to_evaluate_a_checkpoint_of_the_earlier_ladder(tmp_path):
+    """A checkpoint as the earlier ladder wrote it (inference.encoder = the model's BottomUpEncoder, weights
+    encoder.nets.*): evaluating it is refused with the reason (results.json: failed, config), not a traceback; so are
+    its weights under today's stored config."""
+    train(*FAST, "inference=ladder", run_dir=tmp_path / "fit")
+    ckpt = torch.load(results(tmp_path / "fit")["checkpoints"]["last"], weights_only=True)
+    enc = ckpt["amortlab_config"]["model"]["encoder"]
+    earlier = BottomUpEncoder(enc["x_dim"], enc["latent_dims"], enc["hidden"], enc["activation"]).state_dict()
+    ckpt["state_dict"] = {**{k: v for k, v in ckpt["state_dict"].items() if not k.startswith("encoder.")},
+                          **{f"encoder.{k}": v for k, v in earlier.items()}}
+    torch.save(ckpt, tmp_path / "weights.ckpt")  # the earlier weights, today's config
+    ckpt["amortlab_config"]["inference"]["encoder"] = enc
+    del ckpt["amortlab_config"]["model"]["ladder_encoder"]
+    torch.save(ckpt, tmp_path / "earlier.ckpt")  # the earlier ladder's checkpoint
+    for name, says in [("earlier", "Retrain the ladder"), ("weights", "earlier inference=ladder")]:
+        proc = train("train=false", f"ckpt_path={tmp_path / name}.ckpt", "logger=none", run_dir=tmp_path / name,
+                     check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert says in proc.stderr + proc.stdout and "Retrain the ladder" in proc.stderr + proc.stdout
+        r = results(tmp_path / name)
+        assert r["status"] == "failed" and r["reason"] == "config"
 
 
 @pytest.mark.slow

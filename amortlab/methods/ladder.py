@@ -1,7 +1,10 @@
 """Top-down (ladder) inference over a hierarchy (Sønderby, Raiko, Maaløe, Sønderby & Winther 2016):
 ``inference=ladder``.
 
-A deterministic bottom-up pass gives an estimate (mu^_l, sigma^2_l) of every layer (``BottomUpEncoder.bottom_up``);
+A deterministic bottom-up path gives an estimate (mu^_l, sigma^2_l) of every layer (``LadderEncoder``):
+
+    d_0 = x,   d_l = MLP_l(d_{l-1}),   mu^_l = Linear(d_l),   sigma^_l^2 = softplus(Linear(d_l));
+
 q is then drawn top-down, the top layer from its estimate and every lower layer from the precision-weighted
 combination of its estimate with the generative prior given the layer above:
 
@@ -15,12 +18,23 @@ this is the amortized VAE. Everything else (the k-sample bound, regularizers, ev
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
+from amortlab.distributions import DiagGaussian
 from amortlab.distributions.layered import LayeredGaussian
 from amortlab.errors import AmortlabError
 from amortlab.methods.base import ELBOModule
+from amortlab.nets.layered import BottomUpEncoder, LadderEncoder
+
+_OLD_LADDER = (
+    "Checkpoints of inference=ladder written before the ladder followed Sønderby et al.'s bottom-up path (its "
+    "encoder was a BottomUpEncoder whose layer-2 net read layer 1's mean mu^_1; now layer 2 reads the deterministic "
+    "path d_1 and the heads give softplus variances) have other parameters than today's ladder, and cannot be "
+    "converted to it. Retrain the ladder (python train.py model=burda_mlp2 inference=ladder ...); the old "
+    "checkpoint can only be evaluated with the amortlab version that wrote it.")
 
 
 def precision_weighted(mu_a: Tensor, logvar_a: Tensor, mu_b: Tensor, logvar_b: Tensor) -> tuple[Tensor, Tensor]:
@@ -34,7 +48,8 @@ class LadderVAE(ELBOModule):
     """Top-down inference; see the module docstring.
 
     Args:
-        encoder: a ``BottomUpEncoder`` (its ``bottom_up`` pass gives the per-layer estimates).
+        encoder: a ``LadderEncoder`` (its ``bottom_up`` pass gives the per-layer estimates; conf/model/burda_mlp2.yaml
+            builds it as ``model.ladder_encoder`` with the sizes of the model's encoder).
     """
 
     method_name = "ladder"
@@ -42,31 +57,54 @@ class LadderVAE(ELBOModule):
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module | None = None, **kwargs):
         super().__init__(decoder=decoder, **kwargs)
-        if self.model.flat or not hasattr(encoder, "bottom_up") or not hasattr(self.model, "prior_layer"):
+        if self.model.flat or not isinstance(encoder, (LadderEncoder, BottomUpEncoder)) or not hasattr(
+                self.model, "prior_layer"):
             raise AmortlabError(
                 f"inference=ladder combines a bottom-up estimate of every stochastic layer with the generative prior "
                 f"p(z_l | z_(l+1)); it needs a hierarchical model and its layered encoder (model=burda_mlp2), got a "
                 f"model with {len(self.model.latent_dims)} layer(s) and a {type(encoder).__name__}. Use "
                 f"model=burda_mlp2, or inference=amortized for a one-layer model (with one layer the ladder is the "
                 f"VAE).")
+        if isinstance(encoder, BottomUpEncoder):
+            raise AmortlabError(f"inference=ladder reads its bottom-up path from an amortlab.nets.LadderEncoder, got "
+                                f"a BottomUpEncoder (Burda et al.'s bottom-up q). {_OLD_LADDER} In your own code "
+                                f"pass LadderEncoder(x_dim, latent_dims, hidden, activation).")
         self.encoder = self.regularizer.wrap_encoder(encoder)
 
     @property
     def posterior_family(self) -> type:
         return LayeredGaussian
 
-    def infer(self, x: Tensor) -> LayeredGaussian:
-        est = self.encoder.bottom_up(x)
-        top = len(est) - 1
+    def heads(self, x: Tensor) -> list[DiagGaussian]:
+        """The bottom-up estimates (mu^_l, log sigma^2_l) of every layer, ``[B, D_l]`` each, in layer order."""
+        return self.encoder.bottom_up(x)
+
+    def top_down(self, heads: Sequence[DiagGaussian], like: Tensor) -> LayeredGaussian:
+        """q drawn top-down from per-layer estimates ``heads`` (``[B, D_l]`` each, layer order; the encoder's, or any
+        per-point values, e.g. q* in the ladder's own family) combined with p(z_l | z_{l+1}) (module docstring);
+        ``like`` ``[B, *]`` gives the batch size, dtype and device of the noise."""
+        top = len(heads) - 1
 
         def conditional(layer: int, done: dict) -> tuple[Tensor, Tensor]:
             if layer == top:
-                return est[top].mu, est[top].logvar
+                return heads[top].mu, heads[top].logvar
             p = self.model.prior_layer(layer, done[layer + 1])
-            return precision_weighted(est[layer].mu, est[layer].logvar, p.mu, p.logvar)
+            return precision_weighted(heads[layer].mu, heads[layer].logvar, p.mu, p.logvar)
 
-        return LayeredGaussian(self.model.latent_dims, range(top, -1, -1), conditional, x)
+        return LayeredGaussian(self.model.latent_dims, range(top, -1, -1), conditional, like)
+
+    def infer(self, x: Tensor) -> LayeredGaussian:
+        return self.top_down(self.heads(x), x)
 
     def tags(self) -> list[str]:
         name = "ladder" if self.k_train == 1 else f"ladder_iwae{self.k_train}"
         return [name, *super().tags()]
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; weights of the earlier ladder (``encoder.nets.*``) are refused with the
+        reason instead of a list of missing and unexpected keys."""
+        if any(k.startswith("encoder.nets.") for k in state_dict):
+            raise AmortlabError(f"These weights are of an earlier inference=ladder (keys encoder.nets.*; today's "
+                                f"ladder has encoder.paths.*, encoder.mean_heads.*, encoder.var_heads.*). "
+                                f"{_OLD_LADDER}")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)

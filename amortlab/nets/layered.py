@@ -1,16 +1,24 @@
-"""Inference network over several stochastic layers (Burda et al. 2016's two-layer encoder).
+"""Inference networks over several stochastic layers.
 
-Layer l's net maps its input to (mu_l, log sigma^2_l): layer 1 reads x, layer l > 1 reads a D_{l-1}-vector from the
-layer below. ``forward(x)`` is Burda et al.'s bottom-up q(z_1 | x) q(z_2 | z_1) ... (each net reads a sample of the
-layer below); ``bottom_up(x)`` is the deterministic pass the ladder (``inference=ladder``) combines with the prior
-(each net reads the layer below's mean), so both schemes train the same networks with the same parameter count.
+``BottomUpEncoder``: Burda et al. 2016's two-layer encoder, q(z_1 | x) q(z_2 | z_1) ... drawn bottom-up; layer l's
+net maps its input to (mu_l, log sigma^2_l), layer 1 reading x and layer l > 1 a sample of layer l-1.
+
+``LadderEncoder``: the deterministic bottom-up path of the ladder VAE (Sønderby et al. 2016, ``inference=ladder``),
+
+    d_0 = x,   d_l = MLP_l(d_{l-1}),   mu^_l = Linear(d_l),   sigma^2_l = softplus(Linear(d_l)),
+
+with the same hidden sizes per layer as Burda's encoder (``hidden[l]``; d_l is MLP_l's last hidden layer, of size
+``hidden[l][-1]``), so layer l+1 reads d_l, not layer l's estimate.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from amortlab.activations import activation as activation_class
 from amortlab.distributions import DiagGaussian
 from amortlab.distributions.layered import LayeredGaussian
 from amortlab.errors import AmortlabError
@@ -54,9 +62,55 @@ class BottomUpEncoder(nn.Module):
 
         return LayeredGaussian(self.latent_dims, range(len(self.latent_dims)), conditional, x)
 
+
+def log_softplus(a: Tensor) -> Tensor:
+    """log softplus(a) = log log(1 + e^a), also where softplus(a) underflows (a < -20: a, error below 1e-9)."""
+    return torch.where(a > -20, F.softplus(a.clamp(min=-20)).log(), a)
+
+
+class LadderEncoder(nn.Module):
+    """x ``[B, X]`` -> the bottom-up estimates (mu^_l, sigma^2_l) of every layer (module docstring), each a
+    ``DiagGaussian`` ``[B, D_l]`` with logvar = log softplus(Linear(d_l)).
+
+    Args:
+        x_dim: data dimension X.
+        latent_dims: (D_1, ..., D_L), layer 1 nearest the data.
+        hidden: hidden sizes of each MLP_l (one list per layer; Burda et al.'s sizes: [[200, 200], [100, 100]], so
+            d_1 has 200 units and d_2 100).
+        activation: after every layer of each MLP_l (d_l included).
+
+    Parameters by name: ``paths[l]`` (MLP_l: Linear, activation, ...), ``mean_heads[l]`` and ``var_heads[l]``
+    (``nn.Linear`` from d_l to D_l).
+    """
+
+    def __init__(self, x_dim: int, latent_dims: Sequence[int], hidden: Sequence[Sequence[int]],
+                 activation: str = "tanh"):
+        super().__init__()
+        dims = [int(d) for d in latent_dims]
+        if len(hidden) != len(dims):
+            raise AmortlabError(f"model.encoder.hidden has {len(hidden)} lists for {len(dims)} layers "
+                                f"(latent_dims={dims}); give one list of hidden sizes per layer.")
+        self.latent_dims, self.z_dim = tuple(dims), sum(dims)
+        act = activation_class(activation)
+        paths, widths, width = [], [], int(x_dim)
+        for sizes in hidden:
+            layers = []
+            for h in sizes:
+                layers += [nn.Linear(width, int(h)), act()]
+                width = int(h)
+            paths.append(nn.Sequential(*layers))
+            widths.append(width)
+        self.paths = nn.ModuleList(paths)
+        self.mean_heads = nn.ModuleList(nn.Linear(w, d) for w, d in zip(widths, dims))
+        self.var_heads = nn.ModuleList(nn.Linear(w, d) for w, d in zip(widths, dims))
+
     def bottom_up(self, x: Tensor) -> list[DiagGaussian]:
-        """The deterministic pass: estimate l from x (l = 0) or from estimate l-1's mean, ``[B, D_l]`` each."""
-        out = [self.layer(0, x)]
-        for layer in range(1, len(self.latent_dims)):
-            out.append(self.layer(layer, out[-1].mu))
+        """[(mu^_l, log sigma^2_l)] for l = 1..L, ``[B, D_l]`` each."""
+        out, d = [], x
+        for path, mean, var in zip(self.paths, self.mean_heads, self.var_heads):
+            d = path(d)
+            out.append(DiagGaussian(mean(d), log_softplus(var(d))))
         return out
+
+    def forward(self, x: Tensor) -> list[DiagGaussian]:
+        return self.bottom_up(x)
