@@ -183,15 +183,73 @@ def test_resume_after_kill_gives_same_final_metrics(tmp_path):
         assert b[key] == pytest.approx(a[key], abs=1e-6), key
 
 
+# Wall-clock seconds per point, measured by each process: they differ between any two runs, of one process or two.
+TIMING_KEYS = {"infer_seconds", "refine_seconds", "infer_seconds_per_step"}
+
+
+def assert_same_on_any_world_size(one: dict, two: dict, rel: float = 1e-9) -> None:
+    """Every metric of a 2-process run (``two``) equals the 1-process run's (``one``): the same keys, the same
+    integers (counts, active units), floats to ``rel`` (float64 sums added in another order: 1e-9); the keys in
+    ``TIMING_KEYS`` (last part of the name) need only be present in both."""
+    assert set(one) == set(two), sorted(set(one) ^ set(two))
+    for key, a in one.items():
+        b = two[key]
+        if key.rsplit("/", 1)[-1] in TIMING_KEYS:
+            continue
+        if isinstance(a, int):
+            assert b == a, (key, a, b)
+        else:
+            assert b == pytest.approx(a, rel=rel, abs=1e-12), (key, a, b)
+
+
+def val_epoch_reference(ckpt_path: str) -> dict:
+    """The per-epoch validation values ``val_epoch/...`` of a checkpoint's weights, computed in this process: the
+    module's own validation step on every batch of the validation split, then its metrics' ``compute``."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from amortlab.build import build_module
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    cfg = OmegaConf.create(ckpt["amortlab_config"])
+    module = build_module(cfg)
+    module.load_state_dict(ckpt["state_dict"])
+    module.eval()
+    dm = instantiate(cfg.dataset)
+    for i, batch in enumerate(dm.val_dataloader()):
+        module.validation_step(batch, i)
+    return module.val_metrics.compute("val_epoch")
+
+
 @pytest.mark.slow
-def test_ddp_two_processes_equal_single_process(digits_run, tmp_path):
-    ckpt = results(digits_run)["checkpoints"]["evaluated"]
-    common = ["train=false", f"ckpt_path={ckpt}", "logger=none", "importance_samples.test=200"]
-    train(*common, run_dir=tmp_path / "one")
-    train(*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", run_dir=tmp_path / "two")
-    a, b = results(tmp_path / "one")["metrics"], results(tmp_path / "two")["metrics"]
-    for key in ("test/nll", "test/neg_elbo", "val/nll"):
-        assert b[key] == pytest.approx(a[key], abs=1e-9), key
+def test_ddp_two_processes_report_every_value_of_one_process(tmp_path):
+    """Trained and evaluated on 2 gloo processes, splits of 180 (val), 359 (test) and 150 (train points) in batches of
+    100 -- not multiples of 2 x 100, so the ranks hold different numbers of points: every key of results.json's
+    metrics equals the 1-process evaluation of the evaluated checkpoint, the counts are the splits' sizes, and every
+    per-epoch validation row counts the whole split, the last one equal to its weights' values in one process."""
+    import csv
+
+    common = ["logger=csv", "importance_samples.test=50", "evaluation.train_points=150"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    train(*common, "trainer.max_epochs=10", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+          run_dir=two)
+    r = results(two)
+    train(*common, "train=false", f"ckpt_path={r['checkpoints']['evaluated']}", run_dir=one)
+    a, d = results(one)["metrics"], r["data"]
+    assert (a["val/n_points"], a["test/n_points"], a["train/n_points"]) == (d["val_size"], d["test_size"], 150)
+    assert (d["val_size"], d["test_size"]) == (180, 359)
+    assert 0 < a["test/active_units"] < r["config"]["model"]["encoder"]["z_dim"]  # a count the shares can change
+    assert_same_on_any_world_size(a, r["metrics"])
+
+    rows = list(csv.DictReader((two / "csv" / "version_0" / "metrics.csv").open()))
+    val_rows = [row for row in rows if row.get("val_epoch/nll")]
+    assert len(val_rows) == 10 and all(float(row["val_epoch/n_points"]) == 180 for row in val_rows)
+    logged = {k: float(v) for k, v in val_rows[-1].items() if k.startswith("val_epoch/") and v != ""}
+    want = val_epoch_reference(r["checkpoints"]["last"])
+    ints = {k for k, v in want.items() if isinstance(v, int)}
+    assert ints == {"val_epoch/n_points", "val_epoch/active_units"}
+    logged = {k: int(v) if k in ints else v for k, v in logged.items()}
+    assert_same_on_any_world_size(want, logged, rel=1e-6)  # Lightning logs float32
 
 
 # --- bad input: one clear paragraph, no traceback, nothing lost --------------------------------------------------

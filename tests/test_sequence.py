@@ -310,6 +310,24 @@ def test_cli_avf_on_lgssm_reports_per_step_results_and_the_exact_value(tmp_path)
 
 
 @pytest.mark.slow
+def test_cli_sequence_evaluation_on_two_processes_equals_one(tmp_path):
+    """A sequence method (filtering on the LGSSM: per-step ratios sum(nll) / sum(steps), the Kalman NLL) trained and
+    evaluated on 2 gloo processes, splits of 150 and 250 sequences in batches of 100: every key of results.json's
+    metrics equals the 1-process evaluation of the evaluated checkpoint."""
+    from tests.test_cli import assert_same_on_any_world_size, results, train
+
+    common = ["dataset=lgssm", "model=lgssm", "inference=filtering", "dataset.n_train=400", "dataset.n_val=150",
+              "dataset.n_test=250", "importance_samples.test=20", "logger=none"]
+    train(*common, "trainer.max_epochs=2", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+          run_dir=tmp_path / "two")
+    r = results(tmp_path / "two")
+    train(*common, "train=false", f"ckpt_path={r['checkpoints']['evaluated']}", run_dir=tmp_path / "one")
+    a = results(tmp_path / "one")["metrics"]
+    assert (a["val/n_points"], a["test/n_points"]) == (150, 250) and "test/nll_kalman_per_step" in a
+    assert_same_on_any_world_size(a, r["metrics"])
+
+
+@pytest.mark.slow
 def test_cli_music_paper_config_runs_when_the_file_is_present(tmp_path):
     """experiment=avf_music is ready for the real corpus: with a small pickle in the canonical format under the
     canonical name, the paper configuration (shrunk) trains and evaluates whole, ragged pieces with SMC."""
