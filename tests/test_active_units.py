@@ -1,10 +1,15 @@
-"""Active units (Burda et al. 2016) of families whose E_q[z] is sampled and of layered q's.
+"""Active units (Burda et al. 2016) of families whose E_q[z] is sampled, of layered q's and of sequence models.
 
 References are constructed analytically: posterior means with a prescribed covariance over the points
 (A_u = Cov_x(E_q[z_u]) exactly, by standardising the points' means), a layered q's mean by independent Monte Carlo
-through its networks; the library's sampled estimator itself runs, also through the evaluation.
+through its networks, a hand-built filter's E_q[z_t] from its linear recursion solved here in closed form, and the
+pooled per-step variance written out step by step (also on two processes).
 """
 from __future__ import annotations
+
+import math
+import os
+import socket
 
 import pytest
 import torch
@@ -161,3 +166,149 @@ def test_ladder_q_has_the_exact_mean_of_its_top_layer():
         ref = reference_mean(top_mu, top_logvar, lambda z2: q.conditional(0, {1: z2})[0])
     assert ((mean[:, :D1] - ref).abs() < 5 * var[:, :D1].sqrt() + 1e-4).all()
 
+
+# --- sequences: use of the code, not its dynamics -------------------------------------------------------------------
+SEQ_D, SEQ_USED, SEQ_X, SEQ_T = 4, 2, 2, 10
+
+
+def drift(t: int) -> float:
+    """The filter's step-dependent drift (the same for every sequence): the dynamics."""
+    return 2.0 * math.sin(1.3 * t)
+
+
+def hand_filter():
+    """A filter q(z_t | x_t, z_{t-1}) = N(0.5 z_{t-1} + drift(t) + [u < m] x_{t,u}, 1): every unit moves along the
+    sequence, only the first m = ``SEQ_USED`` read the data."""
+    from amortlab.methods.filtering import SequenceELBOModule
+    from amortlab.models import LinearGaussianSSM
+
+    class HandFilter(SequenceELBOModule):
+        method_name = "hand_filter"
+
+        def propose(self, t, prep, x_t, c_t, z_prev, mu_p, lv_p, generator):
+            mu = 0.5 * z_prev + drift(t)
+            mu = torch.cat([mu[..., :SEQ_USED] + x_t[:, :SEQ_USED], mu[..., SEQ_USED:]], -1)
+            return mu, torch.zeros_like(mu), None
+
+    return HandFilter(model=LinearGaussianSSM(z_dim=SEQ_D, x_dim=SEQ_X), importance_samples={"test": 2})
+
+
+def ragged_sequences(n: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(4, SEQ_T + 1, (n,), generator=g)
+    return [torch.randn(int(n_i), SEQ_X, generator=g) for n_i in lengths]
+
+
+def exact_step_means(seq: torch.Tensor) -> torch.Tensor:
+    """E_q[z_t] ``[T_i, D]`` of the hand filter, in closed form: e_t = 0.5 e_{t-1} + drift(t) + [u < m] x_{t,u}."""
+    e, out = torch.zeros(SEQ_D, dtype=F64), []
+    for t in range(len(seq)):
+        e = 0.5 * e + drift(t)
+        e[:SEQ_USED] += seq[t, :SEQ_USED].double()
+        out.append(e.clone())
+    return torch.stack(out)
+
+
+def pooled_within_step_variance(means: list[torch.Tensor]) -> torch.Tensor:
+    """sum_t sum_i (m_it - mean_i m_it)^2 / sum_t (n_t - 1) over the sequences present at each step ``[D]``."""
+    num, dof = 0.0, 0
+    for t in range(max(len(m) for m in means)):
+        at_t = torch.stack([m[t] for m in means if len(m) > t])
+        num = num + (at_t - at_t.mean(0)).pow(2).sum(0)
+        dof += len(at_t) - 1
+    return num / dof
+
+
+def test_sequence_active_units_count_the_dimensions_that_read_the_data():
+    """All D units change along the sequences (drift(t)), only m read x: pooling (sequence, step) pairs counted all D;
+    the per-step variance across sequences (pooled over steps, padding excluded, Monte Carlo variance of the 8
+    trajectories' means removed: ~0.04 in the unused units) counts m, and equals the closed-form value."""
+    from amortlab.data import pack_sequences
+
+    method = hand_filter()
+    seqs = ragged_sequences(1000)
+    rows = pack_sequences(seqs, SEQ_T)
+    metrics = SplitMetrics(method.eval_metric_names(None), method.model.latent_dims, method.eval_ratios)
+    for i in range(0, len(rows), 100):
+        out = method.evaluate_batch(Batch(rows[i:i + 100], i), 2, "test")
+        metrics.update(out, out.pop("z_mean"))
+    exact = pooled_within_step_variance([exact_step_means(s) for s in seqs])
+    assert (exact[SEQ_USED:] < 1e-20).all() and (exact[:SEQ_USED] > 0.9).all()
+    got = metrics.units.variances()
+    torch.testing.assert_close(got[:SEQ_USED], exact[:SEQ_USED], atol=0.05, rtol=0)
+    assert (got[SEQ_USED:] < 0.005).all(), got
+    assert metrics.compute("test")["test/active_units"] == SEQ_USED
+    # the pooled (sequence, step) definition on the exact means: every unit "active" through the drift alone
+    pairs = torch.cat([exact_step_means(s) for s in seqs])
+    assert (pairs.var(0) > 1.0).all()
+
+
+def random_step_means(n: int, T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Means ``[n, T, 3]``, their MC variances and ragged present flags ``[n, T]`` (each length 1..T)."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(n, T, 3, dtype=F64, generator=g) * torch.tensor([1.0, 0.2, 0.05], dtype=F64) \
+        + 0.7 * torch.arange(T, dtype=F64)[:, None]  # a drift along the steps
+    v = torch.rand(n, T, 3, dtype=F64, generator=g) * 0.01
+    lengths = torch.randint(1, T + 1, (n,), generator=g)
+    present = (torch.arange(T)[None, :] < lengths[:, None]).double()
+    return m, v, present
+
+
+def step_reference(parts) -> torch.Tensor:
+    """A_u written out: per step, sum over present sequences of squared deviations minus (n_t - 1)/n_t times the
+    summed MC variances, pooled with weights n_t - 1 (steps of every part aligned at t = 0)."""
+    T = max(m.shape[1] for m, _, _ in parts)
+    num, dof = torch.zeros(3, dtype=F64), 0.0
+    for t in range(T):
+        rows = [(m[i, t], v[i, t]) for m, v, p in parts if m.shape[1] > t for i in range(len(m)) if p[i, t] > 0]
+        if len(rows) < 2:
+            continue
+        mt, vt = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+        n_t = len(rows)
+        num += (mt - mt.mean(0)).pow(2).sum(0) - (n_t - 1) / n_t * vt.sum(0)
+        dof += n_t - 1
+    return (num / dof).clamp_min(0)
+
+
+def _ddp_worker(rank: int, world: int, port: int, layouts, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        for name, parts in layouts.items():
+            metric = ActiveUnits(3)
+            for m, v, p in parts[rank]:
+                metric.update(m, v, p)
+            count = int(metric.compute())  # synchronised by torchmetrics
+            with metric.sync_context():
+                variances = metric.variances()
+            torch.save({"count": count, "variances": variances}, os.path.join(out_dir, f"{name}{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sequence_active_units_are_the_whole_splits_on_two_processes(tmp_path):
+    """Two gloo processes, one with sequences padded to T = 8 and one to T = 5 ("ragged"), or one with none at all
+    ("idle"): both ranks report the one-process value, which equals A_u written out step by step."""
+    import torch.multiprocessing as mp
+
+    a, b, c = random_step_means(40, 8, 0), random_step_means(30, 5, 1), random_step_means(25, 8, 2)
+    layouts = {"ragged": [[a, c], [b]], "idle": [[a, b, c], []]}
+    single = ActiveUnits(3)
+    for m, v, p in [a, b, c]:
+        single.update(m, v, p)
+    reference = step_reference([a, b, c])
+    torch.testing.assert_close(single.variances(), reference, atol=1e-12, rtol=1e-12)
+    assert int(single.compute()) == 2  # spreads 1 and 0.2 across sequences; 0.05 (0.0025) is inactive
+    mp.spawn(_ddp_worker, args=(2, _free_port(), layouts, str(tmp_path)), nprocs=2, join=True)
+    for name in layouts:
+        for rank in range(2):
+            got = torch.load(tmp_path / f"{name}{rank}.pt")
+            assert got["count"] == 2, (name, rank)
+            torch.testing.assert_close(got["variances"], reference, atol=1e-12, rtol=1e-12)
