@@ -4,14 +4,16 @@
 closed-form KL; ``MixtureGaussian`` (RecMix) has ``log_prob`` and stratified draws. ``AuxFlowPosterior`` returns
 log q~ of the auxiliary-variable bound in place of log q(z); ``IAFPosterior`` (inverse autoregressive flow) has
 exact log q.
-``posterior_mean(q)``: E_q[z] of any of them; ``as_factorised(q)``: the factorised Gaussian of a local_params q.
+``posterior_mean(q)``: E_q[z] of any of them (``posterior_mean_estimate``: with the estimate's variance);
+``as_factorised(q)``: the factorised Gaussian of a local_params q.
 ``LocalGaussian`` / ``LocalFlow``: per-datapoint parameter holders (leading ``n_points`` dim) for q* optimisation."""
 from amortlab.distributions.capabilities import Capabilities, require
 from amortlab.distributions.gaussian import DiagGaussian, as_factorised
 from amortlab.distributions.flow import AuxFlowPosterior, LocalFlow, LocalGaussian
 from amortlab.distributions.iaf import IAFPosterior, LocalIAF
 from amortlab.distributions.mixture import MixtureGaussian
-from amortlab.distributions.moments import posterior_mean
+from amortlab.distributions.moments import posterior_mean, posterior_mean_estimate
 
 __all__ = ["Capabilities", "require", "DiagGaussian", "as_factorised", "AuxFlowPosterior", "LocalFlow", "LocalGaussian",
-           "MixtureGaussian", "IAFPosterior", "LocalIAF", "posterior_mean"]
+           "MixtureGaussian", "IAFPosterior", "LocalIAF", "posterior_mean",
+           "posterior_mean_estimate"]

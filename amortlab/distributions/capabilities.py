@@ -23,6 +23,9 @@ class Capabilities:
     factorised: q is itself the fully factorised Gaussian of its lambda (``q.pack()`` is q's own parameters, not a
         projection of a structured q): q*_FFG can start exactly at q.
     closed_form_mean: ``q.mean()`` = E_q[z] exactly (otherwise it is estimated from samples).
+    mean_estimate: ``q.mean_estimate(samples, generator) -> (m, v)`` ``[B, Z]`` each: an unbiased estimate m of
+        E_q[z] better than the plain mean of ``samples`` draws (exact where it can be) and the unbiased estimate v of
+        its variance (0 where exact); ``amortlab.distributions.moments``.
     closed_form_kl: ``q.kl_to_standard_normal()`` = KL(q || N(0, I)) exactly.
     log_prob: ``q.log_prob(z)`` is the exact density (a flow with an auxiliary variable has only log q~).
     mixture: a mixture of Gaussians (``mus``, ``logvars``, ``log_w``; stratified draws).
@@ -35,6 +38,7 @@ class Capabilities:
     path_derivative: bool = False
     factorised: bool = False
     closed_form_mean: bool = False
+    mean_estimate: bool = False
     closed_form_kl: bool = False
     log_prob: bool = False
     mixture: bool = False

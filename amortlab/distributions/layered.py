@@ -10,6 +10,11 @@ Samples are concatenated in layer order, ``[k, B, sum_l D_l]`` (``GenerativeMode
 all layers is one draw eps ``[k, B, Z]`` (the same stream as a flat Gaussian of that size) and
 log q = sum_l -(eps_l^2 + logvar_l + log 2 pi)/2, exact.
 
+E_q[z] (``mean_estimate``; the active-unit count): the first layer in ``order`` conditions on x only, so its mean is
+mu exactly (bottom-up: z_1; the ladder: z_L). A later layer l has E_q[z_l] = E_q[mu_l(z_prev)] (z_prev: the layers
+drawn before it), estimated by the mean of mu_l over S joint draws of z_prev (Rao-Blackwellised: its variance
+Var_q(mu_l) / S is at most the plain sample mean's Var_q(z_l) / S).
+
 Per-point refinement (SVI, SA-VAE, IW-SVI, iterative ``init=encoder``, q*_FFG) works on a fully factorised Gaussian
 over all layers; ``pack()`` gives its lambda = (mu, log sigma^2) ``[B, 2Z]`` at this q's point estimate (each layer's
 Gaussian with the layers before it at their means) and ``unpack`` is ``DiagGaussian``'s.
@@ -41,7 +46,7 @@ class LayeredGaussian:
     """
 
     family: ClassVar[str] = "layered_gaussian"
-    capabilities: ClassVar[Capabilities] = Capabilities(local_params=True, log_prob=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(local_params=True, log_prob=True, mean_estimate=True)
     unpack = DiagGaussian.unpack  # lambda of the factorised Gaussian over all layers -> that DiagGaussian
 
     def __init__(self, dims: Sequence[int], order: Sequence[int], conditional: Conditional, like: Tensor):
@@ -68,6 +73,29 @@ class LayeredGaussian:
 
     def rsample(self, k: int = 1, generator: torch.Generator | None = None) -> Tensor:
         return self.rsample_with_log_prob(k, generator)[0]
+
+    def mean_estimate(self, samples: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """(m, v) ``[B, Z]``: m estimates E_q[z] without bias, v = Var(m) (unbiased; 0 where m is exact), from
+        ``samples`` = S >= 2 joint draws (module docstring). A layer whose (mu, logvar) do not depend on a draw
+        (``[B, D]``, not ``[S, B, D]``) has m = mu, v = 0; any other has m = (1/S) sum_s mu_l(z_prev^s) and
+        v = (sample variance of mu_l(z_prev^s)) / S."""
+        if samples < 2:
+            raise ValueError(f"mean_estimate needs samples >= 2 (the variance of the estimate), got {samples}")
+        with torch.no_grad():
+            eps = self._layers(self.sample_noise(samples, generator))
+            done: dict[int, Tensor] = {}
+            means: dict[int, Tensor] = {}
+            variances: dict[int, Tensor] = {}
+            for layer in self.order:
+                mu, logvar = self.conditional(layer, done)
+                if mu.dim() == eps[layer].dim() - 1:  # depends on x only: exact
+                    means[layer], variances[layer] = mu, torch.zeros_like(mu)
+                else:
+                    mu_s = mu.expand_as(eps[layer])
+                    means[layer], variances[layer] = mu_s.mean(0), mu_s.var(0) / samples
+                done[layer] = mu + torch.exp(0.5 * logvar) * eps[layer]
+            n = range(len(self.dims))
+            return torch.cat([means[i] for i in n], -1), torch.cat([variances[i] for i in n], -1)
 
     def log_prob(self, z: Tensor) -> Tensor:
         """log q(z | x) ``[k, B]`` of given samples ``[k, B, Z]``."""

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from amortlab.config import Evaluation, ImportanceSamples
 from amortlab.data.fused import StepGroup
 from amortlab.data.loader import Batch
-from amortlab.distributions import DiagGaussian, posterior_mean
+from amortlab.distributions import DiagGaussian
+from amortlab.distributions.moments import posterior_mean_estimate
 from amortlab.errors import AmortlabError
 from amortlab.finite import FiniteGuard
 from amortlab.evaluation import chunk_size, iwae_estimate
@@ -307,8 +308,9 @@ class ELBOModule(L.LightningModule):
         ``nll_iwae`` = -IWAE-k from the method's evaluation-time q and ``neg_elbo`` = -ELBO of that q (same
         samples); ``nll`` = -log p_hat(x) of ``estimator`` (None: the IWAE-k estimate, as in per-epoch validation)
         with the estimator's own values; ``inference_gap`` = neg_elbo - nll. ``z_mean`` ``[B, Z]`` is E_q[z] of
-        that q, for the active-unit count. Collapse diagnostics of that q (``amortlab.evaluation.collapse``):
-        ``kl`` = KL(q || p(z)) and, with ``mutual_info`` and where q has an exact density, ``mutual_info`` = I_q(x; z).
+        that q and ``z_mean_var`` its Monte Carlo variance (0 where exact), for the active-unit count. Collapse
+        diagnostics of that q (``amortlab.evaluation.collapse``): ``kl`` = KL(q || p(z)) and, with ``mutual_info``
+        and where q has an exact density, ``mutual_info`` = I_q(x; z).
         """
         x = batch.x
         gen = self.eval_generator(batch, split)
@@ -333,7 +335,7 @@ class ELBOModule(L.LightningModule):
         if inference.after is not None:
             out.update(inference.after())
         # a fresh generator, so the numbers above keep their noise stream
-        out["z_mean"] = posterior_mean(q, self.eval_generator(batch, split))
+        out["z_mean"], out["z_mean_var"] = posterior_mean_estimate(q, self.eval_generator(batch, split))
         gen = self.eval_generator(batch, split, stream=1)
         out["kl"] = kl_term(self.model, q, gen)
         if mutual_info and (mi := mutual_information(q, gen)) is not None:

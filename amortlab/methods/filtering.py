@@ -15,8 +15,13 @@ Evaluation (``evaluate_batch``), per sequence: ``nll`` (the estimator's: IWAE-k,
 ``kl_samples`` trajectories), ``steps`` (present steps), ``infer_seconds`` (one filtering pass per sequence), and the
 per-step ratios sum over the split / total present steps: ``nll_per_step``, ``nll_iwae_per_step``,
 ``neg_elbo_per_step``, ``kl_per_step``, ``infer_seconds_per_step``. On a linear-Gaussian model also ``nll_kalman``
-(the exact -log p(x) by Kalman filtering) and ``nll_kalman_per_step``. Active units: of E_q[z_t] over all present
-(sequence, step) pairs.
+(the exact -log p(x) by Kalman filtering) and ``nll_kalman_per_step``.
+
+Active units measure use of the code, not its dynamics: unit u is active if A_u > 0.01, A_u the variance across
+sequences of E_q[z_{t,u}] at each step t, pooled over steps (``amortlab.metrics.ActiveUnits``; padding excluded).
+E_q[z_t] (the filtering q's marginal at t) is the mean over ``KL_SAMPLES`` trajectories of the proposal means
+mu_q,t (Rao-Blackwellised: E_q[z_t] = E_q[mu_q,t]); its Monte Carlo variance (sample variance over the trajectories
+/ their number) is subtracted in the count.
 """
 from __future__ import annotations
 
@@ -199,7 +204,9 @@ class SequenceELBOModule(ELBOModule):
         out.update(self.step_metrics(q, gen))
         if "nll_kalman" in self.method_metric_names:
             out["nll_kalman"] = -self.model.kalman_log_likelihood(q.x, q.mask)
-        out["z_mean"] = tr.mu_q.mean(0)[q.mask.bool()]  # E_q[z_t] of every present step [N_steps, Z]
+        # E_q[z_t] [B, T, Z] with its Monte Carlo variance, and the present flags [B, T] (module docstring)
+        out["z_mean"], out["z_mean_var"] = tr.mu_q.mean(0), tr.mu_q.var(0) / tr.mu_q.shape[0]
+        out["z_present"] = q.mask
         return out
 
     def reconstruct(self, x: Tensor) -> Tensor:
