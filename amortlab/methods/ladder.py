@@ -15,9 +15,12 @@ this is the amortized VAE. Everything else (the k-sample bound, regularizers, ev
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
+from amortlab.distributions import DiagGaussian
 from amortlab.distributions.layered import LayeredGaussian
 from amortlab.errors import AmortlabError
 from amortlab.methods.base import ELBOModule
@@ -55,17 +58,26 @@ class LadderVAE(ELBOModule):
     def posterior_family(self) -> type:
         return LayeredGaussian
 
-    def infer(self, x: Tensor) -> LayeredGaussian:
-        est = self.encoder.bottom_up(x)
-        top = len(est) - 1
+    def heads(self, x: Tensor) -> list[DiagGaussian]:
+        """The bottom-up estimates (mu^_l, log sigma^2_l) of every layer, ``[B, D_l]`` each, in layer order."""
+        return self.encoder.bottom_up(x)
+
+    def top_down(self, heads: Sequence[DiagGaussian], like: Tensor) -> LayeredGaussian:
+        """q drawn top-down from per-layer estimates ``heads`` (``[B, D_l]`` each, layer order; the encoder's, or any
+        per-point values, e.g. q* in the ladder's own family) combined with p(z_l | z_{l+1}) (module docstring);
+        ``like`` ``[B, *]`` gives the batch size, dtype and device of the noise."""
+        top = len(heads) - 1
 
         def conditional(layer: int, done: dict) -> tuple[Tensor, Tensor]:
             if layer == top:
-                return est[top].mu, est[top].logvar
+                return heads[top].mu, heads[top].logvar
             p = self.model.prior_layer(layer, done[layer + 1])
-            return precision_weighted(est[layer].mu, est[layer].logvar, p.mu, p.logvar)
+            return precision_weighted(heads[layer].mu, heads[layer].logvar, p.mu, p.logvar)
 
-        return LayeredGaussian(self.model.latent_dims, range(top, -1, -1), conditional, x)
+        return LayeredGaussian(self.model.latent_dims, range(top, -1, -1), conditional, like)
+
+    def infer(self, x: Tensor) -> LayeredGaussian:
+        return self.top_down(self.heads(x), x)
 
     def tags(self) -> list[str]:
         name = "ladder" if self.k_train == 1 else f"ladder_iwae{self.k_train}"
