@@ -215,7 +215,9 @@ def test_qstar_ffg_over_all_layers_is_the_mean_field_optimum():
         best = mean_field_optimum(model, x)
         torch.testing.assert_close(out["gap/L_qstar_ffg"], best, atol=0.05, rtol=0)
         log_px = exact(model, x)[0]
-        ref = out["gap/log_px"]  # IWAE-2000 from the best proposal: a lower bound, tight where q*_FFG is exact
+        # IWAE-2000 from q*_FFG: a lower bound, tight where q*_FFG is exact (the reference gap/log_px is whichever
+        # proposal wins an independent selection pass, which the random encoder's heavy-tailed IWAE can win)
+        ref = out["gap/log_px_iwae_ffg"]
         if factorised:
             torch.testing.assert_close(best, log_px, atol=1e-9, rtol=0)
             torch.testing.assert_close(ref, log_px, atol=0.05, rtol=0)

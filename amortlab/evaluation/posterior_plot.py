@@ -194,9 +194,10 @@ def draw_gap_posteriors(model, x: Tensor, cfg, path: str | Path, generator: torc
             panels = {"amortized q": grid_log_density(q.log_prob, axis, len(x)).exp()}
         else:
             panels = {"amortized q": density_on_grid(q.rsample(samples, generator), axis)}
+    labels = {"ffg": "q*_FFG", "layered": "q*_Layered", "flow": "q*_Flow"}
     for name, qs in fit_qstar(model, x, q, cfg, generator).items():
         with torch.no_grad():
-            panels[{"ffg": "q*_FFG", "flow": "q*_Flow"}[name]] = density_on_grid(qs.rsample(samples, generator), axis)
+            panels[labels[name]] = density_on_grid(qs.rsample(samples, generator), axis)
     return plot_posteriors(path, axis, true_log_post, panels, row_labels=[f"x_{i}" for i in range(len(x))],
                            title="true posterior, amortized q and the per-point optima q*")
 

@@ -17,8 +17,9 @@ after ``max_steps``. A batch-mean rule would stop slow points with the fast ones
 gap. The report says per point whether it converged (``converged``) and how much its bound still rose over its last
 ``patience`` steps (``tail_gain``, nats; a truncated q* shows as converged < 1 and tail_gain > 0).
 A point keeps its optimised parameters only if they score at least as well as its initial ones on a
-common-random-numbers ELBO estimate (``select_k`` samples), so q* never scores below its initialisation. L[q*] is
-then reported from ``eval_k`` (5000) samples by the caller.
+common-random-numbers ELBO estimate (``select_k`` samples of a generator seeded by one draw of the run's, so not the
+samples the caller reports), so q* never scores below its start: started at the encoder's q (``init=encoder``, the
+default), q* is not below the encoder's q. L[q*] is then reported from ``k`` (5000) samples by the caller.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ class QStarConfig:
     max_steps: int = 10_000
     patience: int = 200
     ema: float = 0.99
-    init: str = "prior"  # "prior" or "encoder" (Gaussian families start at the encoder's q)
+    init: str = "encoder"  # q*_FFG's start: "encoder" (the encoder's q), "prior" (N(0, I)) or "both" (gaps.py)
     select_k: int = 500
     final_lr_ratio: float = 1.0  # < 1: the step size decays along a cosine to lr * final_lr_ratio at max_steps
 
@@ -51,7 +52,8 @@ def optimize_local(model, x: Tensor, family: nn.Module, cfg: QStarConfig,
 
     Returns the family (modified in place) and a report: ``steps`` (int, steps run), ``converged`` ``[B]`` (1.0 where
     the point stopped by its patience rule), ``tail_gain`` ``[B]`` (EMA bound gain over the point's last ``patience``
-    steps, nats), ``kept`` (fraction of points that kept their optimised parameters).
+    steps, nats), ``improved`` ``[B]`` (bool: the point kept its optimised parameters, else its start) and ``kept``
+    (the fraction of such points).
     """
     with local_grad():
         x = x.detach().clone()
@@ -102,7 +104,7 @@ def optimize_local(model, x: Tensor, family: nn.Module, cfg: QStarConfig,
             gain = (history[0] - ema) if ema is not None else torch.zeros(n, dtype=torch.float64, device=x.device)
             tail = gain if tail is None else torch.where(active, gain, tail)
         converged = (~active).double()
-        kept = 1.0
+        keep = torch.ones(n, dtype=torch.bool, device=x.device)
         if cfg.select_k > 0:
             with torch.no_grad():
                 seed = draw_seed(generator, x.device)
@@ -114,8 +116,8 @@ def optimize_local(model, x: Tensor, family: nn.Module, cfg: QStarConfig,
                 keep = after >= before
                 for p, s, f in zip(params, start, final):
                     p.copy_(torch.where(_rows(keep, p), f, s))
-                kept = keep.double().mean().item()
-    return family, {"steps": step, "converged": converged, "tail_gain": tail, "kept": kept}
+    return family, {"steps": step, "converged": converged, "tail_gain": tail, "improved": keep,
+                    "kept": keep.double().mean().item()}
 
 
 def _rows(mask: Tensor, p: Tensor) -> Tensor:

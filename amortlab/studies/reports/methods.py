@@ -14,6 +14,8 @@ from amortlab.studies.reports.base import Report
 METHOD_COLUMNS = (("test/nll", "test NLL"), ("test/nll_iwae", "NLL, IWAE from the method's q"),
                   ("test/neg_elbo", "-ELBO (method's q)"),
                   ("test/neg_elbo_encoder", "-ELBO (encoder's q)"), ("test/gap/amortization", "amortization gap"),
+                  ("test/gap/qstar_converged_frac", "its q* converged (share of points)"),
+                  ("test/gap/qstar_tail_gain", "its q* gain over its last steps"),
                   ("test/inference_gap", "inference gap"), ("test/active_units", "active units"),
                   ("test/active_units/z1", "active units z1"), ("test/active_units/z2", "active units z2"),
                   ("test/kl", "KL(q || p(z))"), ("test/mutual_info", "mutual information I_q(x; z)"),
