@@ -201,7 +201,7 @@ def test_moving_mnist_one_digit_whole_and_bouncing(mnist_dir, digit_size):
 
 def test_moving_mnist_two_digits_combine_by_max(mnist_dir):
     src = source(mnist_dir)
-    dm = small_mm(mnist_dir, n_digits=2)
+    dm = small_mm(mnist_dir, n_digits=2, digit_size=28)
     frames = dm.frames(dm.splits["val"]).numpy()
     traj = dm.trajectories["val"]
     for i in range(len(frames)):
@@ -215,7 +215,7 @@ def test_moving_mnist_two_digits_combine_by_max(mnist_dir):
 
 def test_moving_mnist_digits_come_from_the_matching_split(mnist_dir):
     src = source(mnist_dir)
-    dm = small_mm(mnist_dir, n_digits=1)
+    dm = small_mm(mnist_dir, n_digits=1, digit_size=28)
     for split in ("val", "test"):
         first = crop(dm.frames(dm.splits[split])[0, 0].numpy().astype(np.uint8))
         sums = src[split].reshape(len(src[split]), -1).sum(1)
@@ -231,7 +231,90 @@ def test_moving_mnist_needs_binarized_mnist(tmp_path):
     with pytest.raises(AmortlabError, match="digit_size"):
         MovingMNISTDataModule(digit_size=20)
     with pytest.raises(AmortlabError, match="canvas"):
-        MovingMNISTDataModule(canvas=20)
+        MovingMNISTDataModule(canvas=10)
+
+
+def study_datasets(name: str, tmp_path: Path) -> list:
+    """The ``dataset`` node of every setting of study ``name``, composed exactly as ``sweep.py`` composes its runs:
+    the setting files it writes, Hydra's compose with ``+setting=<id>``, the study's base overrides, a seed."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from amortlab.studies.expand import expand, write_setting_files
+    from amortlab.studies.overrides import merge_overrides, searchpath
+    from amortlab.studies.spec import CONF, load_study
+
+    study = load_study(name)
+    settings = expand(study)
+    write_setting_files(settings, tmp_path, study["name"])
+    run_overrides = merge_overrides(study["base"], [f"group={study['name']}"])
+    out = []
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            for s in settings:
+                cfg = compose("config", overrides=[searchpath(tmp_path), f"+setting={s.id}", *run_overrides,
+                                                   f"seed={study['seeds'][0]}"])
+                out.append(cfg.dataset)
+    finally:
+        GlobalHydra.instance().clear()
+    return out
+
+
+def runs(occupied: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal runs [start, end) of True in a 1-D boolean array."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], occupied.astype(np.int8), [0]])))
+    return list(zip(edges[0::2], edges[1::2]))
+
+
+def test_avf_study_runs_on_two_14px_digits_moving_across_the_canvas(mnist_dir, tmp_path):
+    """The AVF study (conf/sweep/avf_reduced.yaml) states two 14x14 digits on a 32x32 canvas: each setting composes
+    to that dataset, and the frames it generates show it. Digit size, from the frames alone: where the support
+    splits into two separate column (row) runs, each run -- one digit -- is at most 14 px wide (tall); exactly: every
+    on-pixel lies in one of the two 14 x 14 boxes at the corners the generator records. Motion: the
+    leftmost (topmost) occupied pixel ranges over most of the 32 - 14 = 18 px of travel, and the recorded corners
+    span [0, 18]."""
+    from hydra.utils import instantiate
+
+    nodes = study_datasets("avf_reduced", tmp_path)
+    assert len(nodes) == 4 and all(n == nodes[0] for n in nodes)
+    node = nodes[0]
+    assert (node.canvas, node.digit_size, node.n_digits) == (32, 14, 2)
+    dm = instantiate(node, data_dir=str(mnist_dir))
+    dm.setup()
+    frames = dm.frames(dm.splits["train"]).numpy().astype(bool)  # [5000, 10, 32, 32]
+    assert frames.shape == (5000, 10, 32, 32)
+    flat = frames.reshape(-1, 32, 32)
+
+    widths = {0: [], 1: []}  # per axis: the extent of each digit in frames where the two digits are apart
+    lead = {0: [], 1: []}    # per axis: the first occupied row / column of every frame
+    for f in flat[::5]:
+        for axis in (0, 1):
+            occupied = f.any(axis=1 - axis)
+            r = runs(occupied)
+            lead[axis].append(r[0][0])
+            if len(r) == 2:
+                widths[axis] += [e - s for s, e in r]
+    for axis in (0, 1):
+        assert len(widths[axis]) > 0.1 * len(flat[::5]), axis  # apart in a good share of frames
+        # (a run can also be a digit plus a stray piece of the other one: the 99th percentile, not the max)
+        assert np.percentile(widths[axis], 99) <= 14 and np.median(widths[axis]) >= 7, axis
+        assert max(lead[axis]) - min(lead[axis]) >= 0.75 * (32 - 14), (axis, min(lead[axis]), max(lead[axis]))
+
+    pos = dm.trajectories["train"]["position"]  # [N, T, 2, 2] corners (row, column)
+    assert pos.min() == 0 and pos.max() == 18
+    for axis in (0, 1):
+        assert np.percentile(pos[..., axis], 95) - np.percentile(pos[..., axis], 5) >= 0.75 * 18
+    boxes = np.zeros_like(frames)
+    n, t = np.meshgrid(np.arange(frames.shape[0]), np.arange(frames.shape[1]), indexing="ij")
+    offs = np.arange(14)
+    for k in range(2):
+        rows = pos[:, :, k, 0][..., None, None] + offs[:, None]
+        cols = pos[:, :, k, 1][..., None, None] + offs[None, :]
+        boxes[n[..., None, None], t[..., None, None], rows, cols] = True
+        inside = frames[n[..., None, None], t[..., None, None], rows, cols]
+        assert inside.reshape(*inside.shape[:2], -1).any(-1).all()  # each digit is there, in its box
+    assert not (frames & ~boxes).any()  # nothing outside the two 14 x 14 boxes
 
 
 # --- polyphonic music -------------------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ DatasetNotFoundError (naming the file) is raised.
 
 Parameters (all are config keys, ``conf/dataset/moving_mnist.yaml``):
 
-- ``canvas`` (32): frame side in pixels; ``digit_size`` (28): 28 = the digit as it is, 14 = each binary digit
-  max-pooled 2x2 (a pixel is on when any of its 4 source pixels is); ``canvas >= digit_size``.
+- ``canvas`` (32): frame side in pixels; ``digit_size`` (14): 14 = each binary digit max-pooled 2x2 (a pixel is on
+  when any of its 4 source pixels is), 28 = the digit as it is; ``canvas >= digit_size``; a digit's corner moves
+  over [0, canvas - digit_size] (18 px at the defaults).
 - ``n_digits`` (2): digits per sequence; ``steps`` (10): frames per sequence (no padding: all steps present).
 - ``n_train`` (5000), ``n_val`` (500), ``n_test`` (500): sequences per split.
 - ``generation_seed`` (0): the seed of everything random below. Each split has its own NumPy generator,
@@ -106,7 +107,7 @@ class MovingMNISTDataModule(SequenceDataModule):
     name = "moving_mnist"
     source_module = BinarizedMNISTDataModule  # reads the digits; a test may substitute a subclass for small files
 
-    def __init__(self, canvas: int = 32, digit_size: int = 28, n_digits: int = 2, steps: int = 10,
+    def __init__(self, canvas: int = 32, digit_size: int = 14, n_digits: int = 2, steps: int = 10,
                  n_train: int = 5000, n_val: int = 500, n_test: int = 500, generation_seed: int = 0,
                  **kwargs: Any):
         super().__init__(**kwargs)

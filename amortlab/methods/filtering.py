@@ -9,6 +9,9 @@ c_t (= summary of x_<t), z_{t-1} and the prediction (``propose``), and z_t ~ q. 
              sum_t E_q[log p(x_t | z_<=t, x_<t)] - KL(q(z_t | .) || p(z_t | z_<t, x_<t)) in its sampled form)
 
 with k independent trajectories (IWAE-k over sequences). Given z_1:T the model scores all steps in one pass.
+At evaluation the k trajectories are drawn in filtering passes of ``chunk_size(k, B, evaluation.rows)`` trajectories
+(about ``rows`` rows per time step: the passes run step by step, so their number sets the time) and scored in groups
+of about ``rows`` rows over all steps.
 
 Evaluation (``evaluate_batch``), per sequence: ``nll`` (the estimator's: IWAE-k, or SMC with ``evaluation=smc``),
 ``nll_iwae``, ``neg_elbo``, ``kl`` = sum_t KL(q(z_t | .) || p(z_t | .)) (closed form per step, averaged over
@@ -151,13 +154,19 @@ class SequenceELBOModule(ELBOModule):
 
     def log_weights(self, x: Tensor, q: SequencePosterior, k: int, generator: torch.Generator | None = None,
                     annealed: bool = False, frozen_decoder: bool = False) -> Tensor:
-        """log w_i = sum_t [log p(x_t | z_t, c_t) + log p(z_t | z_{t-1}, c_t) - log q(z_t | .)] ``[k, B]``."""
+        """log w_i = sum_t [log p(x_t | z_t, c_t) + log p(z_t | z_{t-1}, c_t) - log q(z_t | .)] ``[k, B]``: the k
+        trajectories drawn in one filtering pass (k x B rows per step), then scored over all steps at once; without
+        gradients in groups of ``chunk_size(k, B * T, eval_rows)`` trajectories (the scores do not depend on the
+        grouping)."""
         z, log_q = q.rsample_with_log_prob(k, generator)
-        log_px, log_pz = self.model.log_joint_steps(q.x, q.mask, z, frozen=frozen_decoder,
-                                                    context=None if frozen_decoder else q.context)
-        if annealed:
-            return log_weights(log_px.sum(-1), log_pz.sum(-1), log_q, self.prior_weight, self.entropy_weight)
-        return log_weights(log_px.sum(-1), log_pz.sum(-1), log_q)
+        a, b = (self.prior_weight, self.entropy_weight) if annealed else (1.0, 1.0)
+        per = k if torch.is_grad_enabled() else chunk_size(k, q.x.shape[0] * q.x.shape[1], self.eval_rows)
+        out = []
+        for s in range(0, k, per):
+            log_px, log_pz = self.model.log_joint_steps(q.x, q.mask, z[s:s + per], frozen=frozen_decoder,
+                                                        context=None if frozen_decoder else q.context)
+            out.append(log_weights(log_px.sum(-1), log_pz.sum(-1), log_q[s:s + per], a, b))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def log_weights_at(self, *args, **kwargs):
         raise AmortlabError(f"{type(self).__name__} scores sequences through log_weights (the filter draws z_t step by "
@@ -191,7 +200,9 @@ class SequenceELBOModule(ELBOModule):
             torch.cuda.synchronize(x_rows.device)
         seconds = (time.perf_counter() - start) / len(x_rows)
         steps = q.mask.sum(1).double()
-        chunk = chunk_size(k, len(x_rows) * q.x.shape[1], self.eval_rows)
+        # trajectories per filtering pass: chunk x B rows per step (the passes are sequential in t, so their count,
+        # not the scoring, sets the time; log_weights scores each pass in groups of about eval_rows rows)
+        chunk = chunk_size(k, len(x_rows), self.eval_rows)
         log_px, elbo = iwae_estimate(lambda n: self.log_weights(x_rows, q, n, gen), k, chunk)
         out = {"nll_iwae": -log_px, "neg_elbo": -elbo, "steps": steps,
                "infer_seconds": torch.full_like(elbo, seconds, dtype=torch.float64)}
