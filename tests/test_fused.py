@@ -200,3 +200,24 @@ def _same_state(a, b, path="aggressive"):
         assert torch.equal(a, b), path
     else:
         assert a == b, path
+
+
+def test_epoch_groups_end_where_lightnings_loop_validates():
+    """For every epoch length N, M and fraction f: Lightning's own loop validates after steps V, 2V, ... (V =
+    max(1, int(N f)); its rule "(batch_idx + 1) % V == 0"); the fused groups told to validate every g groups end
+    exactly there. Validation after every step is refused (nothing to fuse)."""
+    from amortlab.data.fused import epoch_groups
+
+    for n in range(2, 40):
+        for m in range(2, 9):
+            for f in (0.1, 0.25, 0.3, 0.5, 0.7, 0.99):
+                v = max(1, int(n * f))
+                if v < 2:
+                    with pytest.raises(AmortlabError, match="inference.fused_steps=1"):
+                        epoch_groups(n, m, f)
+                    continue
+                sizes, g = epoch_groups(n, m, f)
+                ends = [sum(sizes[:i + 1]) for i in range(len(sizes)) if (i + 1) % g == 0]
+                assert sum(sizes) == n and min(sizes) >= 1 and g >= 2
+                assert ends == [s for s in range(1, n + 1) if s % v == 0], (n, m, f)
+    assert epoch_groups(7, 3, None) == ([3, 3, 1], None) == epoch_groups(7, 3, 1.0)
