@@ -56,7 +56,8 @@ MI_KEY = "val_epoch/aggressive_mutual_info"
 @dataclass
 class AggressiveConfig:
     """The settings of ``inference=aggressive`` (conf/inference/aggressive.yaml); defaults: He et al.'s image
-    experiment (jxhe/vae-lagging-encoder, image.py)."""
+    experiment (jxhe/vae-lagging-encoder, image.py). The I_q groups lie within each validation batch
+    (``dataset.eval_batch_size``; a smaller batch is one group)."""
 
     max_inner_steps: int = 100               # cap on encoder updates per training step
     check_every: int = 10                    # block length of the inner stopping rule
@@ -291,6 +292,7 @@ class AggressiveVAE(AmortizedVAE):
 
     # --- the phase's end ------------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
         self._mi_sum, self._mi_n = 0.0, 0
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
