@@ -5,6 +5,8 @@ Kept out of train.py so tests and sweep.py can call it, and so train.py is only 
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import sys
@@ -40,6 +42,7 @@ RESUME_COMPATIBLE = ("trainer", "evaluation", "logger", "callbacks", "name", "gr
 RUN_LOCAL = ("data_dir", "ckpt_path", "train", "test", "skip_if_done", "x_dim", "image_shape", "step_dim", "name",
              "group", "tags", "logger", "callbacks", "dataset.data_dir", "dataset.download", "dataset.verify_checksum",
              "trainer.default_root_dir")
+DATA_DERIVED = ("x_dim", "image_shape", "step_dim")  # filled in from the dataset (``_run``), read by ${x_dim} etc.
 
 
 def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -70,7 +73,12 @@ def resume_config(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) 
     the log. An incompatible one (another model, batch size, k, optimiser, seed, ...) is refused with the keys
     named."""
     asked = {o.split("=", 1)[0].lstrip("+~").split("@")[0].replace("/", ".") for o in overrides}
-    current = OmegaConf.to_container(cfg, resolve=True)
+    probe = copy.deepcopy(cfg)  # compared with the data-derived sizes the run had (filled in only after the data
+    with open_dict(probe):      # loads, and the data comes from the checkpoint): ${x_dim} inside a group is no change
+        for key in DATA_DERIVED:
+            if saved.get(key) is not None:
+                probe[key] = saved[key]
+    current = OmegaConf.to_container(probe, resolve=True)
     now, before = _flat(current), _flat(saved)
     differ = [k for k in sorted(set(now) | set(before)) if now.get(k, "<absent>") != before.get(k, "<absent>")]
     refused = [k for k in differ if _covered(k, asked) and not _covered(k, RESUME_COMPATIBLE + RUN_LOCAL)]
@@ -94,7 +102,11 @@ def resume_config(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) 
                     if k.startswith(group + ".") and k in now:
                         _set(node, k[len(group) + 1:], now[k])
                 node = OmegaConf.create(node)
-            cfg[group] = node
+            if isinstance(node, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(cfg, group)):
+                for key in node:  # a typed group (importance_samples, evaluation): its fields, not a plain dict
+                    cfg[group][key] = node[key]
+            else:
+                cfg[group] = node
     return [f"{k}: {before.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}" for k in differ
             if _covered(k, asked) and not _covered(k, RUN_LOCAL)]
 

@@ -153,3 +153,71 @@ def test_fused_ddp_training_equals_lightnings_loop_on_two_processes(tmp_path):
     a, b = (read_checkpoint(tmp_path / f"m{m}" / "checkpoints" / "last.ckpt") for m in (1, 3))
     assert a["global_step"] == b["global_step"] == 10
     assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())
+
+
+@pytest.mark.parametrize("steps, extra", [
+    (10, []),  # V = 5; M = 3 validated after step 6 (groups 3, 3, 3, 1; Lightning's int(4 x 0.5) = 2 groups)
+    (7, HARD),  # V = 3: after steps 3 and 6, not at the epoch's end; everything a step depends on
+    (10, ["inference=aggressive"]),  # its phase ends by the validation values: when they come must not move
+], ids=["amortized", "hard", "aggressive"])
+def test_fused_steps_validate_after_the_same_optimiser_steps(steps, extra, tmp_path):
+    """trainer.val_check_interval=0.5: Lightning's own loop validates after every V = int(0.5 N)-th step of an epoch
+    of N steps; a fused run validates after the same steps, so best.ckpt, the logged values and (aggressive) the
+    phase's end are the same."""
+    base = ["logger=csv", "trainer.max_epochs=3", f"trainer.limit_train_batches={steps}", "trainer.limit_val_batches=2",
+            "importance_samples.test=20", "evaluation.ckpt=best", "+trainer.val_check_interval=0.5", *extra]
+    out = {}
+    for m in (1, 3):
+        d = tmp_path / f"m{m}"
+        res = run(compose_config([*base, f"inference.fused_steps={m}"], d), d)
+        with open(next(d.rglob("metrics.csv"))) as f:
+            val_steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("val_epoch/nll")]
+        out[m] = (read_checkpoint(d / "checkpoints" / "last.ckpt"), res, val_steps,
+                  read_checkpoint(d / "checkpoints" / "best.ckpt"))
+    v = steps // 2
+    # Lightning's loop: after steps V, 2V, ... of each epoch (the logger's step axis: that step's index)
+    assert out[1][2] == [e * steps + k * v - 1 for e in range(3) for k in range(1, steps // v + 1)]
+    assert out[3][2] == out[1][2]
+    _same_training(out[1][:2], out[3][:2])
+    best1, best3 = out[1][3], out[3][3]
+    assert best1["global_step"] == best3["global_step"]
+    assert all(torch.equal(t, best3["state_dict"][k]) for k, t in best1["state_dict"].items())
+    if "inference=aggressive" in extra:  # its phase flag, MI record, generator and inner optimiser
+        _same_state(out[1][0]["aggressive"], out[3][0]["aggressive"])
+
+
+def _same_state(a, b, path="aggressive"):
+    assert type(a) is type(b), path
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _same_state(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same_state(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    else:
+        assert a == b, path
+
+
+def test_epoch_groups_end_where_lightnings_loop_validates():
+    """For every epoch length N, M and fraction f: Lightning's own loop validates after steps V, 2V, ... (V =
+    max(1, int(N f)); its rule "(batch_idx + 1) % V == 0"); the fused groups told to validate every g groups end
+    exactly there. Validation after every step is refused (nothing to fuse)."""
+    from amortlab.data.fused import epoch_groups
+
+    for n in range(2, 40):
+        for m in range(2, 9):
+            for f in (0.1, 0.25, 0.3, 0.5, 0.7, 0.99):
+                v = max(1, int(n * f))
+                if v < 2:
+                    with pytest.raises(AmortlabError, match="inference.fused_steps=1"):
+                        epoch_groups(n, m, f)
+                    continue
+                sizes, g = epoch_groups(n, m, f)
+                ends = [sum(sizes[:i + 1]) for i in range(len(sizes)) if (i + 1) % g == 0]
+                assert sum(sizes) == n and min(sizes) >= 1 and g >= 2
+                assert ends == [s for s in range(1, n + 1) if s % v == 0], (n, m, f)
+    assert epoch_groups(7, 3, None) == ([3, 3, 1], None) == epoch_groups(7, 3, 1.0)

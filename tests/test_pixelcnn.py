@@ -25,25 +25,51 @@ def _pixelcnn(H: int, W: int, layers: int = 4, z_dim: int = 3, seed: int = 0) ->
     return dec
 
 
+def _jacobian_support(dec, H: int, W: int, draws: int = 4) -> torch.Tensor:
+    """Which pixels each logit depends on: |d logit_i / d x_j| > 0 at some of ``draws`` generic (x, z) ``[X, X]``
+    (bool; several draws, since the output's ReLUs can switch a pixel's whole row off at one point)."""
+    support = torch.zeros(H * W, H * W, dtype=torch.bool)
+    for _ in range(draws):
+        x = (torch.rand(1, H * W, dtype=F64) < 0.5).to(F64)
+        z = torch.randn(1, 3, dtype=F64)
+        J = torch.autograd.functional.jacobian(lambda u, z=z: dec.logits(u, z)[0], x)[:, 0]  # [X, X]
+        support |= J.abs() > 1e-12
+    return support
+
+
 def test_pixelcnn_is_causal_without_blind_spot():
-    """d logit_i / d x_j = 0 exactly for every j >= i (raster order); and each logit sees its left neighbour, the
-    pixel above and the pixel above-right (the blind spot of stacked masked 3x3 convolutions) when they exist."""
-    H, W = 5, 6
-    dec = _pixelcnn(H, W)
+    """The full Jacobian on a small image whose every pixel lies in the receptive field (4 layers of 3x3 reach 4
+    rows up and 4 columns either side): logit i depends on *every* pixel before i in raster order and on none at or
+    after it, i.e. its support is exactly the strictly lower triangle. A PixelCNN of stacked masked convolutions
+    misses the blind spot (row r - 1, columns c + 2, ... and the cone above it) and fails here."""
+    H, W = 4, 5
+    support = _jacobian_support(_pixelcnn(H, W, layers=4), H, W)
+    before = torch.tril(torch.ones(H * W, H * W, dtype=torch.bool), diagonal=-1)  # j < i
+    assert not (support & ~before).any()  # causal: nothing at or after i
+    missing = [(divmod(i, W), divmod(j, W)) for i, j in (before & ~support).nonzero().tolist()]
+    assert missing == []  # no blind spot: e.g. pixel (1, 0) sees (0, 2), (0, 3), (0, 4)
+    for r, c in itertools.product(range(1, H), range(W - 2)):  # the blind-spot region, named
+        assert support[r * W + c, (r - 1) * W + c + 2:r * W].all(), (r, c)
+    dec = _pixelcnn(H, W, layers=4)
     x = (torch.rand(1, H * W, dtype=F64) < 0.5).to(F64)
-    z = torch.randn(1, 3, dtype=F64)
-    J = torch.autograd.functional.jacobian(lambda u: dec.logits(u, z)[0], x)[:, 0]  # [X, X]
-    for i in range(H * W):
-        r, c = divmod(i, W)
-        assert torch.count_nonzero(J[i, i:]) == 0, i
-        if c > 0:
-            assert J[i, i - 1].abs() > 1e-10, (i, "left")
-        if r > 0:
-            assert J[i, i - W].abs() > 1e-10, (i, "above")
-            if c < W - 1:
-                assert J[i, i - W + 1].abs() > 1e-10, (i, "above-right")
-    Jz = torch.autograd.functional.jacobian(lambda u: dec.logits(x, u)[0], z)[:, 0]
+    Jz = torch.autograd.functional.jacobian(lambda u: dec.logits(x, u)[0], torch.randn(1, 3, dtype=F64))[:, 0]
     assert (Jz.abs().sum(-1) > 1e-10).all()  # every pixel, the first too, depends on z
+
+
+def test_pixelcnn_receptive_field_is_the_two_stack_cone():
+    """With fewer layers than the image needs, logit (r, c) sees exactly: its row, columns c - L - 1 .. c - 1 (the
+    horizontal stack: L layers of 1 x 2 plus the first layer's shift), and rows r - 1 - L .. r - 1, columns
+    c - L .. c + L (the vertical stack: L layers of 2 x 3, shifted down one row) -- a rectangle above, without
+    holes (Van den Oord et al. 2016, gated PixelCNN, kernel 3)."""
+    H, W, L = 6, 7, 2
+    support = _jacobian_support(_pixelcnn(H, W, layers=L), H, W)
+    expected = torch.zeros(H * W, H * W, dtype=torch.bool)
+    for r, c in itertools.product(range(H), range(W)):
+        for r2, c2 in itertools.product(range(H), range(W)):
+            row = r2 == r and c - L - 1 <= c2 <= c - 1
+            above = r - 1 - L <= r2 <= r - 1 and abs(c2 - c) <= L
+            expected[r * W + c, r2 * W + c2] = row or above
+    assert torch.equal(support, expected)
 
 
 def test_log_prob_equals_pixel_by_pixel_computation():
