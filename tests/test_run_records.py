@@ -6,6 +6,8 @@ a live run directory leaves the live run's .hydra files untouched; a torch file 
 library is one message naming its keys.
 """
 
+import json
+
 import pytest
 import torch
 
@@ -38,3 +40,23 @@ def test_torch_file_that_is_not_a_checkpoint_is_one_message_before_the_logger(wh
         assert not (run / "wandb").exists() and not (run / "checkpoints").exists()
         r = results(run)
         assert r["status"] == "failed" and r["reason"] == "config" and repr(first_key) in r["error"]
+
+
+def test_failed_attempt_never_replaces_a_finished_record(tmp_path):
+    """Row 2: a failed start-up (a bad resume) and an interrupted rerun into a finished run's directory leave its ok
+    results.json byte for byte; each attempt is a line of attempts.jsonl and the output says which record is
+    current. A finished rerun replaces it (the old one kept as results.prev-*) and its summary names the attempts."""
+    train(*TINY, run_dir=tmp_path)
+    ok = (tmp_path / "results.json").read_bytes()
+    proc = train(*TINY, f"ckpt_path={tmp_path / 'nope.ckpt'}", run_dir=tmp_path, check=False)
+    assert "nope.ckpt" in _clean_error(proc) and "stays the current record" in proc.stderr
+    proc = train(*TINY, "trainer.max_epochs=3", "+callbacks.stop._target_=tests.helpers.SignalAt",
+                 "+callbacks.stop.step=20", run_dir=tmp_path, check=False)
+    assert proc.returncode == 130 and "stays the current record" in proc.stderr
+    assert (tmp_path / "results.json").read_bytes() == ok and not list(tmp_path.glob("results.prev-*"))
+    attempts = [json.loads(line) for line in (tmp_path / "attempts.jsonl").read_text().splitlines()]
+    assert [(a["status"], a["reason"]) for a in attempts] == [("failed", "config"), ("interrupted", "interrupted")]
+    assert "nope.ckpt" in attempts[0]["error"] and "ckpt_path=" in attempts[1]["error"]
+    proc = train(*TINY, run_dir=tmp_path)
+    assert f"attempts that did not finish: {tmp_path / 'attempts.jsonl'}" in proc.stdout + proc.stderr
+    assert [p.read_bytes() for p in tmp_path.glob("results.prev-*")] == [ok] and results(tmp_path)["status"] == "ok"
