@@ -19,7 +19,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
-from amortlab.errors import AmortlabError, ChecksumError, DatasetNotFoundError, NonFiniteLossError
+from amortlab.errors import AmortlabError, ChecksumError, DatasetNotFoundError, NonFiniteLossError, StorageError
 from amortlab.evaluation.final import evaluate
 from amortlab.logging import finish_logger, git_commit, versions, write_results
 
@@ -61,6 +61,8 @@ class RunRecord:
             status, reason = "failed", "non_finite_loss"
         elif isinstance(e, (DatasetNotFoundError, ChecksumError)):
             status, reason = "failed", "data"
+        elif isinstance(e, StorageError):
+            status, reason = "failed", "storage"
         elif isinstance(e, AmortlabError):
             status, reason = "failed", "config"
         else:

@@ -6,12 +6,34 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 
-from amortlab.errors import AmortlabError
+from amortlab.errors import AmortlabError, StorageError
 
 LOCK_NAME = ".amortlab.lock"
+
+
+def check_writable(path: str | os.PathLike, what: str = "run directory") -> None:
+    """Refuse, with one ``StorageError`` naming ``path``, a directory in which this process cannot create files. An
+    existing directory is probed by creating and deleting a file in it (permission bits do not bind root; a
+    read-only mount or a full disk does); a missing one by the same probe in its nearest existing ancestor, which
+    must be a directory (nothing is created)."""
+    path = Path(path).absolute()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(f"{probe} is a file, not a directory")
+        fd, name = tempfile.mkstemp(prefix=".amortlab-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        reason = e.strerror + (f": {e.filename}" if e.filename else "") if e.strerror else str(e)
+        raise StorageError(f"The {what} {path} cannot be written ({reason}); nothing was run. Make it writable, or "
+                           f"give the run a directory it can write (hydra.run.dir=...).") from None
 
 
 def _alive(pid: int) -> bool:

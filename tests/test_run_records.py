@@ -60,3 +60,35 @@ def test_failed_attempt_never_replaces_a_finished_record(tmp_path):
     proc = train(*TINY, run_dir=tmp_path)
     assert f"attempts that did not finish: {tmp_path / 'attempts.jsonl'}" in proc.stdout + proc.stderr
     assert [p.read_bytes() for p in tmp_path.glob("results.prev-*")] == [ok] and results(tmp_path)["status"] == "ok"
+
+
+def test_unwritable_checkpoints_is_one_message_before_any_data_loads(tmp_path):
+    """Row 3, before the run: checkpoints/ cannot be created (a regular file stands at its path: tests run as root,
+    where permission bits do not stop writes). One message naming the path, before the data loads (the record has
+    no data section) and before W&B starts."""
+    (tmp_path / "checkpoints").write_text("not a directory")
+    err = _clean_error(train("logger=wandb", "trainer.max_epochs=1", run_dir=tmp_path, check=False))
+    assert f"{tmp_path / 'checkpoints'} cannot be written" in " ".join(err.split()), err
+    r = results(tmp_path)
+    assert r["status"] == "failed" and r["reason"] == "storage" and "data" not in r
+    assert str(tmp_path / "checkpoints") in r["error"] and not (tmp_path / "wandb").exists()
+
+
+def test_checkpoint_write_failing_mid_training_stops_the_run_there(tmp_path):
+    """Row 3, during the run: from step 20 on, files under checkpoints/ cannot be written (PermissionError, as for a
+    non-root user; tests.helpers.DenyWritesUnder). Lightning used to drop that error and train to the end. The run
+    stops at the first checkpoint write after step 20, the end of an epoch, and the record names that path and step;
+    the checkpoint written before stays listed."""
+    ckpts = tmp_path / "checkpoints"
+    proc = train(*TINY, "trainer.max_epochs=4", "+callbacks.deny._target_=tests.helpers.DenyWritesUnder",
+                 f"+callbacks.deny.dir={ckpts}", "+callbacks.deny.step=20", run_dir=tmp_path, check=False)
+    err = " ".join(_clean_error(proc).split())
+    per_epoch = torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"]  # written before step 20
+    assert 0 < per_epoch < 20
+    step = -(-20 // per_epoch) * per_epoch  # the end of the epoch holding step 20
+    r = results(tmp_path)
+    assert r["status"] == "failed" and r["reason"] == "storage", r
+    assert any(f"checkpoint {ckpts / name} at epoch {step // per_epoch - 1}, step {step} " in r["error"]
+               for name in ("best.ckpt", "last.ckpt")), r["error"]
+    assert r["error"] in err and r["checkpoints"]["last"] == str(ckpts / "last.ckpt")
+    assert not list(ckpts.glob("*.tmp-*"))
