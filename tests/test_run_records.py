@@ -7,10 +7,18 @@ library is one message naming its keys.
 """
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import ROOT
 from tests.test_cli import _clean_error, results, train
 
 TINY = ["logger=none", "trainer.max_epochs=1", "importance_samples.test=20", "evaluation.val=false"]
@@ -92,3 +100,53 @@ def test_checkpoint_write_failing_mid_training_stops_the_run_there(tmp_path):
                for name in ("best.ckpt", "last.ckpt")), r["error"]
     assert r["error"] in err and r["checkpoints"]["last"] == str(ckpts / "last.ckpt")
     assert not list(ckpts.glob("*.tmp-*"))
+
+
+def test_second_run_into_a_live_directory_leaves_its_files_untouched(tmp_path):
+    """Row 4: while a run trains, a second train.py into its directory is refused with a message naming the first,
+    and the live run's .hydra/config.yaml, hydra.yaml and overrides.yaml and its lock are byte for byte what they
+    were (Hydra used to rewrite them before the lock was checked); its train.log only grew by its own lines."""
+    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path}", *TINY, "trainer.max_epochs=100000"]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    live = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        names = [".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", ".amortlab.lock"]
+        deadline = time.time() + 120
+        while not ((tmp_path / "checkpoints" / "last.ckpt").is_file() and all((tmp_path / n).is_file()
+                                                                              for n in names)):
+            assert live.poll() is None and time.time() < deadline, live.stderr.read() if live.poll() else "timeout"
+            time.sleep(0.2)
+        before, log = {n: (tmp_path / n).read_bytes() for n in names}, (tmp_path / "train.log").read_text()
+        err = _clean_error(train(*TINY, "trainer.max_epochs=2", run_dir=tmp_path, check=False))
+        assert f"pid {live.pid}" in err and "Another run is writing" in err, err
+        assert {n: (tmp_path / n).read_bytes() for n in names} == before
+        now = (tmp_path / "train.log").read_text()  # the live run goes on appending its epoch lines, only those
+        assert now.startswith(log) and all("/100000 |" in line for line in now[len(log):].splitlines())
+        assert "max_epochs: 100000" in before[".hydra/config.yaml"].decode()
+        assert not (tmp_path / "results.json").exists()
+    finally:
+        live.send_signal(signal.SIGTERM)
+        live.wait(timeout=120)
+    r = results(tmp_path)
+    assert r["status"] == "interrupted" and r["config"]["trainer"]["max_epochs"] == 100000
+    assert not (tmp_path / ".amortlab.lock").exists()
+
+
+@pytest.mark.parametrize("case", ["new", "existing"])
+def test_unwritable_run_directory_is_one_message(case, tmp_path):
+    """Row 11: a run directory that cannot be created (its parent is a regular file) or an existing one that cannot
+    be written (/sys/kernel: permission bits do not bind root, sysfs does): one message naming the path, no
+    traceback (was: PermissionError / ValueError: Unable to configure handler 'file')."""
+    if case == "new":
+        (tmp_path / "file").write_text("")
+        run = tmp_path / "file" / "run"
+    else:
+        run = Path("/sys/kernel")
+        try:
+            os.close(tempfile.mkstemp(dir=run)[0])
+            pytest.skip(f"{run} is writable here")
+        except OSError:
+            pass
+    err = " ".join(_clean_error(train(*TINY, run_dir=run, check=False)).split())
+    assert f"The run directory {run} cannot be written" in err and "hydra.run.dir" in err, err
+    assert err.count("amortlab error") == 1
