@@ -5,8 +5,10 @@ longer exists on this host (kill -9, a crashed node) is stale and taken over.
 ``RunDirectory`` (a Hydra callback, conf/config.yaml ``hydra.callbacks.run_dir``) takes that lock before anything of
 the run is written: conf/config.yaml sets ``hydra.output_subdir: null``, so Hydra no longer writes
 ``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml`` before the task starts, and the callback writes them once
-the lock is held (a live run's files stay untouched). It also refuses an unwritable run directory with one message
-before Hydra creates it or opens its train.log."""
+the lock is held (a live run's files stay untouched). When the directory holds a finished run (results.json with
+status ok) and this attempt does not replace that record (it fails or is interrupted: amortlab.record), the finished
+run's .hydra files are put back when the attempt ends, so they keep describing its record. It also refuses an
+unwritable run directory with one message before Hydra creates it or opens its train.log."""
 from __future__ import annotations
 
 import atexit
@@ -26,6 +28,19 @@ from omegaconf import DictConfig, open_dict, read_write
 from amortlab.errors import AmortlabError, StorageError
 
 LOCK_NAME = ".amortlab.lock"
+HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
+
+
+def _finished_record(out_dir: Path) -> tuple | None:
+    """(inode, size, mtime) of ``out_dir/results.json`` if it holds a finished run (status ok), else None."""
+    path = out_dir / "results.json"
+    try:
+        if json.loads(path.read_text()).get("status") == "ok":
+            st = path.stat()
+            return st.st_ino, st.st_size, st.st_mtime_ns
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
 
 
 def check_writable(path: str | os.PathLike, what: str = "run directory") -> None:
@@ -135,6 +150,7 @@ class RunDirectory(Callback):
     def __init__(self, subdir: str | None = ".hydra"):
         self.subdir = subdir
         self.locks: dict[str, RunLock] = {}
+        self.finished: dict[str, tuple[Path, tuple, dict[str, bytes]]] = {}  # lock key -> a finished run's files
         atexit.register(self.release_all)  # train.py exits with sys.exit, which skips on_job_end
 
     @staticmethod
@@ -175,6 +191,10 @@ class RunDirectory(Callback):
             with read_write(task_cfg), open_dict(task_cfg):
                 del task_cfg["hydra"]
             where = out_dir / self.subdir
+            record = _finished_record(out_dir)
+            if record is not None:
+                self.finished[lock.key] = (out_dir, record, {n: (where / n).read_bytes() for n in HYDRA_FILES
+                                                             if (where / n).is_file()})
             _save_config(task_cfg, "config.yaml", where)
             _save_config(copy.deepcopy(HydraConfig.instance().cfg), "hydra.yaml", where)
             _save_config(config.hydra.overrides.task, "overrides.yaml", where)
@@ -184,9 +204,17 @@ class RunDirectory(Callback):
         _REFUSED.pop(key, None)
         lock = self.locks.pop(key, None)
         if lock is not None:
-            lock.__exit__(None, None, None)
+            self._release(key, lock)
 
     def release_all(self) -> None:
-        for lock in self.locks.values():
-            lock.__exit__(None, None, None)
+        for key, lock in list(self.locks.items()):
+            self._release(key, lock)
         self.locks.clear()
+
+    def _release(self, key: str, lock: RunLock) -> None:
+        """Put a finished run's .hydra files back if its record is still the current one, then unlock."""
+        out_dir, record, files = self.finished.pop(key, (None, None, {}))
+        if out_dir is not None and _finished_record(out_dir) == record:
+            for name, data in files.items():
+                (out_dir / self.subdir / name).write_bytes(data)
+        lock.__exit__(None, None, None)

@@ -52,16 +52,19 @@ def test_torch_file_that_is_not_a_checkpoint_is_one_message_before_the_logger(wh
 
 def test_failed_attempt_never_replaces_a_finished_record(tmp_path):
     """Row 2: a failed start-up (a bad resume) and an interrupted rerun into a finished run's directory leave its ok
-    results.json byte for byte; each attempt is a line of attempts.jsonl and the output says which record is
-    current. A finished rerun replaces it (the old one kept as results.prev-*) and its summary names the attempts."""
+    results.json and .hydra files byte for byte; each attempt is a line of attempts.jsonl and the output says which
+    record is current. A finished rerun replaces it (the old one kept as results.prev-*); its summary names the
+    attempts."""
     train(*TINY, run_dir=tmp_path)
     ok = (tmp_path / "results.json").read_bytes()
+    hydra = {p.name: p.read_bytes() for p in (tmp_path / ".hydra").iterdir()}
     proc = train(*TINY, f"ckpt_path={tmp_path / 'nope.ckpt'}", run_dir=tmp_path, check=False)
     assert "nope.ckpt" in _clean_error(proc) and "stays the current record" in proc.stderr
     proc = train(*TINY, "trainer.max_epochs=3", "+callbacks.stop._target_=tests.helpers.SignalAt",
                  "+callbacks.stop.step=20", run_dir=tmp_path, check=False)
     assert proc.returncode == 130 and "stays the current record" in proc.stderr
     assert (tmp_path / "results.json").read_bytes() == ok and not list(tmp_path.glob("results.prev-*"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / ".hydra").iterdir()} == hydra  # the finished run's config
     attempts = [json.loads(line) for line in (tmp_path / "attempts.jsonl").read_text().splitlines()]
     assert [(a["status"], a["reason"]) for a in attempts] == [("failed", "config"), ("interrupted", "interrupted")]
     assert "nope.ckpt" in attempts[0]["error"] and "ckpt_path=" in attempts[1]["error"]
