@@ -152,6 +152,9 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     data, storage, non_finite_loss, bug); the logger (W&B run) is closed on every path. A second live run in the same
     directory is refused (``RunLock``).
     """
+    rank_zero = rank_zero_only.rank == 0
+    if rank_zero:
+        check_writable(out_dir)
     if cfg.get("stack") and cfg.stack.seeds:
         from amortlab.stack.run import run_stacked  # N seeds as one stacked computation, one record each
 
@@ -163,9 +166,6 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         if done.get("status") == "ok":
             print(f"amortlab: {out_dir} already holds a finished run (skip_if_done=true); not running it again.")
             return done
-    rank_zero = rank_zero_only.rank == 0
-    if rank_zero:
-        check_writable(out_dir)
     with RunLock(out_dir, enabled=rank_zero):
         record = RunRecord(out_dir, rank_zero)
         try:

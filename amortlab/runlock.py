@@ -151,7 +151,7 @@ class RunDirectory(Callback):
         self.subdir = subdir
         self.locks: dict[str, RunLock] = {}
         self.finished: dict[str, tuple[Path, tuple, dict[str, bytes]]] = {}  # lock key -> a finished run's files
-        atexit.register(self.release_all)  # train.py exits with sys.exit, which skips on_job_end
+        self.exit_hook_pid: int | None = None
 
     @staticmethod
     def _rank_zero() -> bool:
@@ -183,6 +183,9 @@ class RunDirectory(Callback):
             _REFUSED[lock.key] = str(e)
             return
         self.locks[lock.key] = lock
+        if self.exit_hook_pid != os.getpid():  # per process (a launcher may run jobs in a copy of this callback)
+            atexit.register(self.release_all)  # train.py exits with sys.exit, which skips on_job_end
+            self.exit_hook_pid = os.getpid()
         if self.subdir is not None and config.hydra.output_subdir is None:
             from hydra.core.hydra_config import HydraConfig
             from hydra.core.utils import _save_config
