@@ -61,7 +61,25 @@ def load_checkpoint_config(ckpt_path: str) -> dict | None:
     if not path.is_file():
         raise AmortlabError(f"ckpt_path={ckpt_path} does not exist. Point ckpt_path at a checkpoint written by "
                             f"train.py (e.g. <run dir>/checkpoints/last.ckpt or best.ckpt).")
-    return read_checkpoint(path).get("amortlab_config")
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("amortlab_config"), dict) or "state_dict" not in ckpt:
+        raise AmortlabError(f"ckpt_path={ckpt_path} is a PyTorch file but not a checkpoint of this library: it holds "
+                            f"{describe_contents(ckpt)}. A train.py checkpoint (<run dir>/checkpoints/best.ckpt or "
+                            f"last.ckpt) holds 'state_dict' (the weights), 'amortlab_config' (the run's config) and "
+                            f"Lightning's training state ('epoch', 'global_step', 'optimizer_states', ...). Point "
+                            f"ckpt_path at such a file.")
+    return ckpt["amortlab_config"]
+
+
+def describe_contents(obj: Any) -> str:
+    """A short description of a loaded torch file's top level: its keys (at most 8 shown), or its type."""
+    if isinstance(obj, dict):
+        keys = list(obj)
+        shown = ", ".join(repr(k) for k in keys[:8]) + (f", ... ({len(keys)} keys)" if len(keys) > 8 else "")
+        tensors = sum(isinstance(v, torch.Tensor) for v in obj.values())
+        bare = " (a bare state_dict of tensors?)" if keys and tensors == len(keys) else ""
+        return f"a dict with the top-level keys {shown or 'none'}{bare}"
+    return f"a {type(obj).__name__}, not a dict"
 
 
 def load_weights(module, ckpt_path: str) -> None:

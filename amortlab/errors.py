@@ -19,3 +19,7 @@ class ChecksumError(AmortlabError):
 
 class NonFiniteLossError(AmortlabError):
     """The training loss became NaN or infinite."""
+
+
+class StorageError(AmortlabError):
+    """A run directory, checkpoint or record cannot be written (read-only, not a directory, disk full)."""

@@ -1,9 +1,14 @@
 """A run's record: its results.json written however the run ends (finished, interrupted, failed), the final
-evaluation, and the summary printed at the end. Shared by a single run and each member of a stacked one."""
+evaluation, and the summary printed at the end. Shared by a single run and each member of a stacked one.
+
+An ``ok`` results.json is never replaced by an attempt that did not finish (a failed or interrupted resume or rerun
+into the same directory): that attempt's record is appended to ``attempts.jsonl`` beside it instead."""
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import sys
 import signal
 import threading
 import time
@@ -14,9 +19,11 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
-from amortlab.errors import AmortlabError, ChecksumError, DatasetNotFoundError, NonFiniteLossError
+from amortlab.errors import AmortlabError, ChecksumError, DatasetNotFoundError, NonFiniteLossError, StorageError
 from amortlab.evaluation.final import evaluate
 from amortlab.logging import finish_logger, git_commit, versions, write_results
+
+ATTEMPTS = "attempts.jsonl"  # attempts that did not replace an ok results.json, one JSON record per line
 
 
 class RunRecord:
@@ -31,7 +38,21 @@ class RunRecord:
         self.logger_status = "success"
 
     def write(self) -> Path | None:
-        return write_results(self.out_dir / "results.json", self.results) if self.rank_zero else None
+        """Write results.json (the previous one kept as results.prev-*), or, when this attempt did not finish and
+        results.json holds a finished (``ok``) run, append this attempt to attempts.jsonl and keep results.json.
+        Returns the path written (None off rank zero)."""
+        if not self.rank_zero:
+            return None
+        path = self.out_dir / "results.json"
+        if self.results.get("status") != "ok" and _finished(path):
+            attempts = self.out_dir / ATTEMPTS
+            with attempts.open("a") as f:
+                f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), **self.results}, default=str) + "\n")
+            written = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(path.stat().st_mtime))
+            print(f"amortlab: this attempt ({self.results.get('status')}) is recorded in {attempts}; {path} (status "
+                  f"ok, written {written}) stays the current record of {self.out_dir}.", file=sys.stderr, flush=True)
+            return attempts
+        return write_results(path, self.results)
 
     def fail(self, e: BaseException) -> None:
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
@@ -40,6 +61,8 @@ class RunRecord:
             status, reason = "failed", "non_finite_loss"
         elif isinstance(e, (DatasetNotFoundError, ChecksumError)):
             status, reason = "failed", "data"
+        elif isinstance(e, StorageError):
+            status, reason = "failed", "storage"
         elif isinstance(e, AmortlabError):
             status, reason = "failed", "config"
         else:
@@ -60,6 +83,14 @@ class RunRecord:
         else:
             self.logger.finalize(self.logger_status)
         self.logger = None
+
+
+def _finished(path: Path) -> bool:
+    """True if ``path`` is a readable results.json of a finished run (status ok)."""
+    try:
+        return json.loads(path.read_text()).get("status") == "ok"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def checkpoint_paths(callbacks: dict[str, L.Callback]) -> dict[str, str | None]:
@@ -159,7 +190,9 @@ def summary(results: dict[str, Any], path: Path) -> str:
         f"time: fit {t.get('fit_s', 0):.1f}s ({t.get('train_images_per_s') or 0:.0f} img/s), "
         f"eval val {t.get('val_s', 0):.1f}s + test {t.get('test_s', 0):.1f}s"
         + (f" + train points {t['train_eval_s']:.1f}s" if t.get("train_eval_s") is not None else ""),
-        f"results: {path}",
+        f"results: {path} (the current record"
+        + (f"; attempts that did not finish: {Path(path).parent / ATTEMPTS})"
+           if (Path(path).parent / ATTEMPTS).is_file() else ")"),
         f"checkpoints: {Path(path).parent / 'checkpoints'}   images: {Path(path).parent / 'images'}",
     ]
     return "\n".join(lines)

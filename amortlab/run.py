@@ -21,12 +21,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from amortlab.build import (build_callbacks, build_logger, build_module, command_overrides, instantiate_group,
                             load_checkpoint_config, load_weights, quiet_lightning, run_name)
 from amortlab.callbacks import Throughput
+from amortlab.callbacks.checkpoint import use_checked_checkpoint_io
 from amortlab.data.download import default_data_dir
 from amortlab.data.fused import fused_fit
 from amortlab.errors import AmortlabError
 from amortlab.logging import describe_logger
 from amortlab.record import RunRecord, checkpoint_paths, final_evaluation, sigterm_as_interrupt, summary
-from amortlab.runlock import RunLock
+from amortlab.runlock import RunLock, check_writable
 from amortlab.validate import check_config, check_data, check_stored_targets
 
 MODEL_GROUPS = ("dataset", "model", "inference", "encoder_regularizer")  # what a checkpoint's weights depend on
@@ -148,9 +149,12 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
 
     Every path leaves a record: a finished run ``status: ok``; Ctrl-C / SIGTERM during training ``interrupted``
     (the last checkpoint kept, resumable); any error ``failed`` with its message (``error``) and ``reason`` (config,
-    data, non_finite_loss, bug); the logger (W&B run) is closed on every path. A second live run in the same
+    data, storage, non_finite_loss, bug); the logger (W&B run) is closed on every path. A second live run in the same
     directory is refused (``RunLock``).
     """
+    rank_zero = rank_zero_only.rank == 0
+    if rank_zero:
+        check_writable(out_dir)
     if cfg.get("stack") and cfg.stack.seeds:
         from amortlab.stack.run import run_stacked  # N seeds as one stacked computation, one record each
 
@@ -162,7 +166,6 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         if done.get("status") == "ok":
             print(f"amortlab: {out_dir} already holds a finished run (skip_if_done=true); not running it again.")
             return done
-    rank_zero = rank_zero_only.rank == 0
     with RunLock(out_dir, enabled=rank_zero):
         record = RunRecord(out_dir, rank_zero)
         try:
@@ -176,6 +179,11 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
 
 def _run(cfg: DictConfig, out_dir: Path, record: RunRecord) -> dict[str, Any]:
     results, timing = record.results, record.results["timing"]
+    if record.rank_zero:  # before any data loads: where the callbacks write (checkpoints/, images/)
+        for name, node in (cfg.callbacks or {}).items():
+            for key in ("dirpath", "out_dir"):
+                if node and isinstance(node, DictConfig) and node.get(key):
+                    check_writable(node[key], f"directory callbacks.{name}.{key}")
     check_config(cfg)
     cfg = prepare_config(cfg)
     check_config(cfg)  # again: a resumed or re-evaluated run's restored groups
@@ -203,6 +211,7 @@ def _run(cfg: DictConfig, out_dir: Path, record: RunRecord) -> dict[str, Any]:
     fit_data, fused = fused_fit(dm, module.fused_steps, cfg.trainer)
     trainer: L.Trainer = instantiate_group(cfg.trainer, "trainer", logger=logger, callbacks=list(callbacks.values()),
                                            **fused)
+    use_checked_checkpoint_io(trainer)  # a checkpoint that cannot be written stops the run (Lightning drops it)
     if logger:
         logger.log_hyperparams(module.run_config)
 

@@ -47,3 +47,30 @@ class Payload:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+class DenyWritesUnder(L.Callback):
+    """From global step ``step`` on, writing a file under ``dir`` raises ``PermissionError`` (EACCES), as an
+    unwritable directory does for a user without root (tests run as root, where permission bits do not stop writes):
+    ``open`` for writing and ``os.rename`` / ``os.replace`` onto a path there are refused."""
+
+    def __init__(self, dir: str, step: int):
+        self.dir, self.step, self.patched = os.path.abspath(dir), step, False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step < self.step or self.patched:
+            return
+        import builtins
+        import errno
+
+        under = lambda p: isinstance(p, (str, os.PathLike)) and os.path.abspath(p).startswith(self.dir)  # noqa: E731
+
+        def deny(p):
+            raise PermissionError(errno.EACCES, "Permission denied", str(p))
+
+        real_open, real_rename, real_replace = builtins.open, os.rename, os.replace
+        builtins.open = lambda f, mode="r", *a, **k: deny(f) if under(f) and set(mode) & set("wax+") else \
+            real_open(f, mode, *a, **k)
+        os.rename = lambda a, b, *x, **k: deny(b) if under(b) else real_rename(a, b, *x, **k)
+        os.replace = lambda a, b, *x, **k: deny(b) if under(b) else real_replace(a, b, *x, **k)
+        self.patched = True
