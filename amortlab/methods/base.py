@@ -259,13 +259,17 @@ class ELBOModule(L.LightningModule):
         """Whether this optimiser step's training values are logged: step s = ``global_step`` (optimiser steps
         before it) with (s + 1) % ``trainer.log_every_n_steps`` == 0, the steps where Lightning's logger connector
         writes its own per-step values (its count runs on across epochs, so short epochs get points too)."""
-        n = self.trainer.log_every_n_steps
+        if self._trainer is None:  # a step called outside a fit
+            return False
+        n = self._trainer.log_every_n_steps
         return n > 0 and (self.global_step + 1) % n == 0
 
     def log_step_values(self, values: dict[str, Tensor | float]) -> None:
         """Write this optimiser step's ``values`` to every logger at x = ``global_step``, the step they were computed
         at (not through ``self.log``, whose cached value Lightning writes at its own cadence, e.g. at a later step
         or once per fused group). One host read per value, at the logging cadence only."""
+        if not self.loggers:
+            return
         scalars = {k: float(v) for k, v in values.items()}
         for logger in self.loggers:
             logger.log_metrics(scalars, step=self.global_step)
