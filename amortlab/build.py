@@ -143,7 +143,7 @@ def quiet_lightning() -> None:
     drop advice that does not apply to in-memory tensor loaders."""
     logging.getLogger("lightning.pytorch").propagate = False
     logging.getLogger("lightning.fabric").propagate = False
-    for msg in (".*does not have many workers.*", ".*smaller than the logging interval.*",
+    for msg in (".*does not have many workers.*",
                 ".*isinstance\\(treespec, LeafSpec\\).*", ".*Checkpoint directory .* exists and is not empty.*",
                 ".*overridden `transfer_batch_to_device`.*", ".*anonymous setting has no effect.*"):
         warnings.filterwarnings("ignore", message=msg)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import sys
 import signal
@@ -24,6 +25,7 @@ from amortlab.evaluation.final import evaluate
 from amortlab.logging import finish_logger, git_commit, versions, write_results
 
 ATTEMPTS = "attempts.jsonl"  # attempts that did not replace an ok results.json, one JSON record per line
+log = logging.getLogger("amortlab")
 
 
 class RunRecord:
@@ -101,8 +103,9 @@ def checkpoint_paths(callbacks: dict[str, L.Callback]) -> dict[str, str | None]:
 
 @contextlib.contextmanager
 def sigterm_as_interrupt():
-    """SIGTERM (a scheduler's stop, ``kill``) is handled like Ctrl-C during training: Lightning stops cleanly and
-    the run records ``status: interrupted``. Main thread only (signal handlers cannot be set elsewhere)."""
+    """SIGTERM (a scheduler's stop, ``kill``) is handled like Ctrl-C (a KeyboardInterrupt at once) during training
+    and the final evaluation: Lightning stops cleanly and the run records ``status: interrupted``. Main thread only
+    (signal handlers cannot be set elsewhere)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -117,18 +120,29 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def final_evaluation(trainer: L.Trainer, module, dm, cfg: DictConfig, timing: dict[str, Any]) -> dict[str, Any]:
+def final_evaluation(trainer: L.Trainer, module, dm, cfg: DictConfig, timing: dict[str, Any],
+                     metrics: dict[str, Any] | None = None, splits: list[str] | None = None) -> dict[str, Any]:
     """The final numbers: the configured estimator with k = importance_samples.test on the validation split
     (``evaluation.val``), the test split and the first ``evaluation.train_points`` training images (``train/...``:
-    the same estimator, k and seeds; ``trainer.limit_test_batches`` does not apply there, N says how many)."""
-    metrics: dict[str, Any] = {}
+    the same estimator, k and seeds; ``trainer.limit_test_batches`` does not apply there, N says how many).
+
+    Each split's values go into ``metrics`` (returned) and its name onto ``splits`` as soon as the split is done, so
+    an interrupted evaluation leaves the finished splits there; a line is logged as each split starts."""
+    metrics = {} if metrics is None else metrics
+    splits = [] if splits is None else splits
     k, est = module.k_test, module.estimator
+
+    def run_split(split: str, loader) -> None:
+        log.info("final evaluation: %s split (%s, IWAE-%d) started", split, est.name, k)
+        metrics.update(evaluate(trainer, module, loader, split, k, est))
+        splits.append(split)
+
     t0 = time.perf_counter()
     if cfg.evaluation.val:
-        metrics.update(evaluate(trainer, module, dm.val_dataloader(), "val", k, est))
+        run_split("val", dm.val_dataloader())
     t1 = time.perf_counter()
-    metrics.update(evaluate(trainer, module, dm.test_dataloader(), "test", k, est))
     timing["val_s"] = round(t1 - t0, 3)
+    run_split("test", dm.test_dataloader())
     timing["test_s"] = round(time.perf_counter() - t1, 3)
     n_test = metrics.get("test/n_points", dm.info()["test_size"])  # limit_test_batches aware
     timing["test_images_per_s"] = round(n_test / max(timing["test_s"], 1e-9), 2)
@@ -138,7 +152,7 @@ def final_evaluation(trainer: L.Trainer, module, dm, cfg: DictConfig, timing: di
         limit = trainer.limit_test_batches
         trainer.limit_test_batches = 1.0
         try:
-            metrics.update(evaluate(trainer, module, dm.eval_dataloader("train", n_train), "train", k, est))
+            run_split("train", dm.eval_dataloader("train", n_train))
         finally:
             trainer.limit_test_batches = limit
         timing["train_eval_s"] = round(time.perf_counter() - t2, 3)

@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -148,9 +149,10 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """Train (unless ``train=false``) and evaluate; write ``out_dir/results.json``; return the results dict.
 
     Every path leaves a record: a finished run ``status: ok``; Ctrl-C / SIGTERM during training ``interrupted``
-    (the last checkpoint kept, resumable); any error ``failed`` with its message (``error``) and ``reason`` (config,
-    data, storage, non_finite_loss, bug); the logger (W&B run) is closed on every path. A second live run in the same
-    directory is refused (``RunLock``).
+    (the last checkpoint kept, resumable), during the final evaluation ``interrupted`` with the finished splits'
+    metrics and the command that redoes it (``evaluation_interrupted``); any error ``failed`` with its message
+    (``error``) and ``reason`` (config, data, storage, non_finite_loss, bug); the logger (W&B run) is closed on every
+    path. A second live run in the same directory is refused (``RunLock``).
     """
     rank_zero = rank_zero_only.rank == 0
     if rank_zero:
@@ -244,14 +246,21 @@ def _run(cfg: DictConfig, out_dir: Path, record: RunRecord) -> dict[str, Any]:
         eval_ckpt = best if (cfg.evaluation.ckpt == "best" and best) else None  # None: the final weights
     results["checkpoints"] = {"evaluated": eval_ckpt or "final weights", **checkpoint_paths(callbacks)}
 
-    if cfg.test:
-        if eval_ckpt:
-            load_weights(module, eval_ckpt)
-        results["metrics"].update(final_evaluation(trainer, module, dm, cfg, timing))
+    splits: list[str] = []  # the final evaluation's finished splits
+    with sigterm_as_interrupt():  # Ctrl-C / SIGTERM: stop at once, record what was evaluated (evaluation_interrupted)
+        try:
+            if cfg.test:
+                if eval_ckpt:
+                    load_weights(module, eval_ckpt)
+                final_evaluation(trainer, module, dm, cfg, timing, results["metrics"], splits)
+            if cfg.test and trainer.is_global_zero:
+                module.estimator.after_run(module, dm, results["metrics"], out_dir, run_name(cfg, module), logger,
+                                           int(cfg.evaluation.seed))
+        except (KeyboardInterrupt, SystemExit) as e:  # SystemExit: Lightning's answer to a KeyboardInterrupt
+            if isinstance(e, SystemExit) and not trainer.interrupted:
+                raise
+            return evaluation_interrupted(cfg, out_dir, record, splits)
     results["status"] = "ok"
-    if cfg.test and trainer.is_global_zero:
-        module.estimator.after_run(module, dm, results["metrics"], out_dir, run_name(cfg, module), logger,
-                                   int(cfg.evaluation.seed))
     path = record.write()
     if path is not None:
         text = summary(results, path) + describe_logger(logger)
@@ -262,3 +271,40 @@ def _run(cfg: DictConfig, out_dir: Path, record: RunRecord) -> dict[str, Any]:
     return results
 
 
+def redo_command(cfg: DictConfig, out_dir: Path, checkpoints: dict[str, str | None]) -> str | None:
+    """The command that redoes this run's final evaluation into ``out_dir``: an evaluation-only run
+    (``train=false``) again as it was asked; a trained run resumed from its ``last.ckpt`` as the README resumes (its
+    training is complete, so it only evaluates), else evaluated from ``best.ckpt`` with ``train=false``. The
+    command's other overrides are kept. None when no checkpoint holds the trained weights."""
+    kept = [o for o in command_overrides() if o.split("=", 1)[0].lstrip("+~") not in ("train", "ckpt_path")]
+    if not cfg.train:
+        tail = ["train=false", f"ckpt_path={cfg.ckpt_path}"]
+    elif checkpoints.get("last"):
+        tail = [f"ckpt_path={checkpoints['last']}"]
+    elif checkpoints.get("best"):
+        tail = ["train=false", f"ckpt_path={checkpoints['best']}"]
+    else:
+        return None
+    return shlex.join(["python", "train.py", *kept, *tail, f"hydra.run.dir={out_dir}"])
+
+
+def evaluation_interrupted(cfg: DictConfig, out_dir: Path, record: RunRecord, splits: list[str]) -> dict[str, Any]:
+    """Ctrl-C / SIGTERM during the final evaluation: the record says ``status: interrupted``, which splits finished
+    (``evaluated``; their metrics are in ``metrics``), which one was running, and ``redo`` (``redo_command``)."""
+    results = record.results
+    asked = (["val"] if cfg.evaluation.val else []) + ["test"] + (["train"] if cfg.evaluation.get("train_points")
+                                                                  else [])
+    running = next((s for s in asked if s not in splits), None)
+    checkpoints = {**results.get("checkpoints", {}), **checkpoint_paths(record.callbacks)}
+    redo = redo_command(cfg, out_dir, checkpoints)
+    where = f"in the {running} split" if running else "after the last split (writing its outputs)"
+    results.update(status="interrupted", reason="interrupted", evaluated=list(splits), interrupted_split=running,
+                   redo=redo, checkpoints=checkpoints,
+                   error=f"The final evaluation was interrupted (Ctrl-C or SIGTERM) {where}; finished splits: "
+                         f"{', '.join(splits) or 'none'} (their metrics are in this record). "
+                         + (f"Redo the evaluation with: {redo}" if redo else
+                            "No checkpoint holds the trained weights, so it cannot be redone without training."))
+    record.logger_status = "failed"
+    record.write()
+    print(f"\namortlab: interrupted; {results['error']}", file=sys.stderr, flush=True)
+    return results

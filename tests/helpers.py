@@ -39,6 +39,18 @@ class SignalAt(L.Callback):
             os.kill(os.getpid(), self.sig)
 
 
+class SignalInSplit(L.Callback):
+    """Send this process signal ``sig`` when the final evaluation of ``split`` starts (``amortlab.evaluation.final``
+    runs each split through ``trainer.test`` / ``trainer.validate`` with these callbacks)."""
+
+    def __init__(self, split: str = "test", sig: int = 15):
+        self.split, self.sig = split, sig
+
+    def on_test_start(self, trainer, pl_module):
+        if getattr(pl_module, "split", None) == self.split:
+            os.kill(os.getpid(), self.sig)
+
+
 class Payload:
     """An object whose unpickling would run code (a malicious checkpoint); ``weights_only=True`` never builds it."""
 

@@ -79,7 +79,25 @@ def test_logged_steps_match_lightnings_loop(tmp_path):
     val1, val3 = ([int(r["step"]) for r in rs if r.get("val_epoch/nll")] for rs in (r1, r3))
     assert val1 == val3 and len(val1) == 3
     loss1, loss3 = ([int(r["step"]) for r in rs if r.get("train/loss")] for rs in (r1, r3))
-    assert loss1 and loss3 == [0, 4, 8, 12, 16, 20]
+    assert loss1 == loss3 == [3, 7, 11, 15, 19]  # where Lightning writes its per-step values: (step + 1) % 4 == 0
+
+
+def test_train_loss_is_logged_at_its_step_every_log_every_n_steps(tmp_path):
+    """logger=csv, epochs of 7 steps, trainer.log_every_n_steps=10 (longer than an epoch): train/loss is written at
+    steps 9 and 19 ((step + 1) % 10 == 0, counted across epochs), each point holding the loss a run logging every
+    step (log_every_n_steps=1) logged at that step — with Lightning's own loop and with fused steps."""
+    def points(d, *extra):
+        run(compose_config([*BASE, "logger=csv", *extra], d), d)
+        with open(next(d.rglob("metrics.csv"))) as f:
+            return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+    every = points(tmp_path / "every", "trainer.log_every_n_steps=1")
+    assert sorted(every) == list(range(21))  # 3 epochs of 7 optimiser steps
+    for extra in ([], ["inference.fused_steps=3"]):
+        logged = points(tmp_path / f"n10{len(extra)}", "trainer.log_every_n_steps=10", *extra)
+        assert sorted(logged) == [9, 19], (extra, logged)
+        for step, value in logged.items():
+            assert value == pytest.approx(every[step], rel=1e-6, abs=0), (extra, step, value, every)
 
 
 class PoisonAt(L.Callback):

@@ -8,9 +8,11 @@ train.log; the per-epoch validation estimate and the final one have different na
 import csv
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
+import time
 import zipfile
 
 import pytest
@@ -179,3 +181,77 @@ def test_error_advice_is_true():
     with pytest.raises(DatasetNotFoundError) as e:
         fetch(NPZ, "/nonexistent-dir", "binarized_mnist", download=True)
     assert "no public URL" in str(e.value) and "download=true" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def one_epoch_checkpoint(tmp_path_factory):
+    run = tmp_path_factory.mktemp("trained")
+    train("logger=none", "trainer.max_epochs=1", "test=false", run_dir=run)
+    return run / "checkpoints" / "last.ckpt"
+
+
+# the decomposition (q* fitted per point) on 100 validation points, then on the 359 test points in batches of 100
+GAPS = ["logger=none", "evaluation=gaps", "evaluation.val=true", "trainer.limit_val_batches=1",
+        "importance_samples.test=100", "evaluation.estimator.reference_k=100", "evaluation.estimator.qstar.k=10",
+        "evaluation.estimator.qstar.max_steps=300", "evaluation.estimator.qstar.select_k=100"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_during_the_final_evaluation_stops_it_with_a_record(sig, one_epoch_checkpoint, tmp_path):
+    """train=false evaluation=gaps: SIGTERM or SIGINT once the test split has started ends the process within
+    seconds (exit 130) with status interrupted, the finished validation split's metrics, the split that was running
+    and the command that redoes the evaluation."""
+    run = tmp_path / "eval"
+    overrides = ["train=false", f"ckpt_path={one_epoch_checkpoint}", *GAPS]
+    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run}", *overrides]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines = []
+    try:
+        for line in proc.stdout:  # the evaluation logs each split's start
+            lines.append(line)
+            if "final evaluation: test split" in line:
+                break
+        else:
+            raise AssertionError("the test split never started:\n" + "".join(lines[-40:]))
+        proc.send_signal(sig)
+        t0 = time.monotonic()
+        rest, _ = proc.communicate(timeout=60)
+        waited = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, "".join(lines[-20:]) + rest[-3000:]
+    assert waited < 20, waited
+    r = results(run)
+    assert r["status"] == "interrupted" and r["reason"] == "interrupted", r.get("error")
+    assert r["evaluated"] == ["val"] and r["interrupted_split"] == "test"
+    assert r["metrics"]["val/n_points"] == 100 and r["metrics"]["val/nll"] > 0
+    assert not any(k.startswith("test/") for k in r["metrics"])
+    assert r["redo"] in r["error"] and r["redo"] in rest
+    redo = shlex.split(r["redo"])
+    assert redo[:2] == ["python", "train.py"] and set(overrides) <= set(redo) and f"hydra.run.dir={run}" in redo
+
+
+def test_trained_run_interrupted_in_its_evaluation_is_redone_by_its_command(tmp_path):
+    """SIGTERM as a trained run's test split starts: status interrupted with the training's timing and the
+    validation metrics; the recorded command (a resume from last.ckpt) then evaluates without training more."""
+    run = tmp_path / "run"
+    proc = train(*TINY, "evaluation.val=true", "+callbacks.stop._target_=tests.helpers.SignalInSplit",
+                 "+callbacks.stop.split=test", run_dir=run, check=False)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    r = results(run)
+    assert r["status"] == "interrupted" and r["evaluated"] == ["val"] and r["interrupted_split"] == "test"
+    assert r["timing"]["epochs"] == 2 and "val/nll" in r["metrics"] and "test/nll" not in r["metrics"]
+    last = run / "checkpoints" / "last.ckpt"
+    redo = shlex.split(r["redo"])
+    assert redo[:2] == ["python", "train.py"] and f"ckpt_path={last}" in redo and f"hydra.run.dir={run}" in redo
+    redo = [o for o in redo[2:] if not o.startswith(("+callbacks.stop", "hydra.run.dir="))]
+    steps = r["timing"]["steps"]
+    train(*redo, run_dir=run)
+    r = results(run)
+    assert r["status"] == "ok" and r["timing"]["steps"] == steps  # no step trained after the two epochs
+    assert {"val/nll", "test/nll"} <= set(r["metrics"])

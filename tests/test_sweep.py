@@ -174,6 +174,34 @@ def test_collect_falls_back_to_config_for_axes(tmp_path):
     assert (row["k"], row["regularizer"], row["n_seeds"], row["n_failed"]) == (5, "none", 1, 1)
 
 
+def test_malformed_records_are_listed_with_their_path_and_skipped(tmp_path):
+    """A results.json holding a JSON list, invalid JSON, or status ok with a metric that is not a number: the run is
+    listed as a failure naming the file and counts as neither finished nor in the means; the tables are written."""
+    from amortlab.studies.layout import run_state
+
+    axes = {"method": "amortized", "regularizer": "none", "strength": None, "k": 1}
+    fake_run(tmp_path, "none_k1", 0, metrics={"test/nll": 90.0}, axes=axes)
+    fake_run(tmp_path, "none_k1", 1, metrics={"test/nll": "abc"}, axes=axes)
+    fake_run(tmp_path, "none_k1", 2, metrics={"test/nll": 96.0, "test/n_points": True}, axes=axes)
+    as_list = fake_run(tmp_path, "none_k1", 3, status=None)
+    (as_list / "results.json").write_text("[]")
+    broken = fake_run(tmp_path, "none_k1", 4, status=None)
+    (broken / "results.json").write_text('{"status": "ok", "metr')
+    [row] = collect(tmp_path)
+    assert (row["n_seeds"], row["seeds"], row["n_failed"]) == (1, [0], 4)
+    assert row["test/nll_mean"] == 90.0  # the malformed runs' values are not averaged in
+    why = {seed: msg for seed, msg, _ in row["failures"]}
+    for seed in (1, 2, 3, 4):
+        assert str(tmp_path / "runs" / "none_k1" / f"seed{seed}" / "results.json") in why[seed], why[seed]
+    assert "'abc'" in why[1] and "malformed" in why[1] and "test/n_points" in why[2]
+    assert "unreadable" in why[3] and "list" in why[3] and "unreadable" in why[4]
+    written = write_report(tmp_path, [row])
+    assert {"table.md", "table.csv", "failures.md"} <= set(written)
+    assert written["failures.md"].read_text().count("results.json") == 4
+    states = [run_state(tmp_path / "runs" / "none_k1" / f"seed{s}") for s in range(5)]
+    assert states == ["ok", "failed", "failed", "failed", "failed"]  # never counted as finished
+
+
 def test_expand_settings_grid_and_setting_file(tmp_path):
     study = load_study(study_file=write_study(tmp_path / "s.yaml", """
 name: s

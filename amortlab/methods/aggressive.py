@@ -278,8 +278,8 @@ class AggressiveVAE(AmortizedVAE):
     def step_loss(self, batch: Batch, batch_idx: int) -> Tensor:
         if self.aggressive:
             self.inner_steps_last = len(self.inner_loop(batch.x))
-            if self.global_step % self.log_every_n_steps == 0:
-                self.log("train/aggressive_inner_steps", float(self.inner_steps_last), on_step=True, on_epoch=False)
+            if self.logs_this_step():
+                self.log_step_values({"train/aggressive_inner_steps": float(self.inner_steps_last)})
         return super().step_loss(batch, batch_idx)
 
     def on_before_optimizer_step(self, optimizer) -> None:

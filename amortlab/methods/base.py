@@ -94,7 +94,8 @@ class ELBOModule(L.LightningModule):
             ``seed`` (evaluation noise seed).
         estimator: the final log p(x) estimator (``amortlab.evaluation.protocol.Estimator``; default IWAE-k).
         regularizer: encoder regularizer (identity by default).
-        log_every_n_steps: how often the training loss is logged (``self.log`` every step costs throughput).
+        log_every_n_steps: the deferred non-finite check's cadence (``amortlab.finite``); the training loss is
+            logged every ``trainer.log_every_n_steps`` steps (``logs_this_step``).
         finite_check: ``auto`` | ``step`` | ``deferred``: how a non-finite training loss is caught
             (``amortlab.finite``; deferred = no host sync per step, the default on a GPU).
         compile_mode: None (eager, default) or a ``torch.compile`` mode (``default``, ``reduce-overhead`` = CUDA
@@ -250,16 +251,31 @@ class ELBOModule(L.LightningModule):
         """The loss one optimiser step minimises, with the non-finite check and the periodic training-loss log."""
         loss = self.training_loss(batch.x)
         self.finite_guard.observe(self, loss, batch_idx)
-        if self.global_step % self.log_every_n_steps == 0:
+        if self.logs_this_step():
             self.log_train_loss(loss)
         return loss
 
+    def logs_this_step(self) -> bool:
+        """Whether this optimiser step's training values are logged: step s = ``global_step`` (optimiser steps
+        before it) with (s + 1) % ``trainer.log_every_n_steps`` == 0, the steps where Lightning's logger connector
+        writes its own per-step values (its count runs on across epochs, so short epochs get points too)."""
+        if self._trainer is None:  # a step called outside a fit
+            return False
+        n = self._trainer.log_every_n_steps
+        return n > 0 and (self.global_step + 1) % n == 0
+
+    def log_step_values(self, values: dict[str, Tensor | float]) -> None:
+        """Write this optimiser step's ``values`` to every logger at x = ``global_step``, the step they were computed
+        at (not through ``self.log``, whose cached value Lightning writes at its own cadence, e.g. at a later step
+        or once per fused group). One host read per value, at the logging cadence only."""
+        if not self.loggers:
+            return
+        scalars = {k: float(v) for k, v in values.items()}
+        for logger in self.loggers:
+            logger.log_metrics(scalars, step=self.global_step)
+
     def log_train_loss(self, loss: Tensor) -> None:
-        if self.automatic_optimization:
-            self.log("train/loss", loss.detach(), on_step=True, on_epoch=False)
-        else:  # fused steps: logged at the optimiser step it belongs to (Lightning logs once per group)
-            for logger in self.loggers:
-                logger.log_metrics({"train/loss": float(loss)}, step=self.global_step)
+        self.log_step_values({"train/loss": loss.detach()})
 
     def fused_training_step(self, group: StepGroup, batch_idx: int) -> dict[str, Tensor]:
         """``inference.fused_steps`` > 1: the group's batches as consecutive optimiser steps, each exactly as

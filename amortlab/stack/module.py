@@ -72,7 +72,7 @@ class StackedTraining:
             self.alive &= finite
         elif not bool(finite.all()):
             self._diverge(losses, finite, batch_idx)
-        if self.global_step % self.log_every_n_steps == 0:
+        if self.logs_this_step():
             self.log_train_loss(losses)
         self.last_losses = losses.detach()
         # a diverged member's rows are NaN in its own block only (every layer is per model, every other op per row)
@@ -80,12 +80,8 @@ class StackedTraining:
 
     def log_train_loss(self, loss: Tensor) -> None:
         """Each training member's ``train/loss`` (``loss`` ``[N]``), logged as its single run logs its own."""
-        values = {member_key(i, "train/loss"): loss[i].detach() for i in range(self.n_stack) if i not in self.diverged}
-        if self.automatic_optimization:
-            self.log_dict(values, on_step=True, on_epoch=False)
-        else:  # fused steps: at the optimiser step it belongs to (as ELBOModule.log_train_loss)
-            for logger in self.loggers:
-                logger.log_metrics({k: float(v) for k, v in values.items()}, step=self.global_step)
+        self.log_step_values({member_key(i, "train/loss"): loss[i].detach() for i in range(self.n_stack)
+                              if i not in self.diverged})
 
     def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
         """Deferred check (``amortlab.finite``): record the members whose loss turned non-finite since the last

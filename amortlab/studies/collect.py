@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from amortlab.studies.layout import read_json, run_dir
+from amortlab.studies.layout import read_json, record_problem, run_dir
 
 AXES = ("method", "regularizer", "strength", "k")
 # a method's own iteration count (results.json axes): refinement steps K, iterations T, mixture components M
@@ -60,9 +60,10 @@ def collect(out_dir: str | Path, metrics: list[str] | None = None,
     A row: ``setting``, ``series``, the axes (method, regularizer, strength, k; from results.json ``axes``, else
     from the run's config), ``n_seeds`` (runs with status ok), ``n_failed`` (runs with another status, run dirs
     without results.json, and, with ``expected`` = {setting: [seeds]}, expected runs that never started),
-    ``seeds``, ``failures`` ([(seed, message, dir)]), and ``<metric>_mean`` / ``<metric>_std`` (sample std, n - 1;
-    None for fewer than 2 values) for ``metrics`` (default: every numeric metric found). With ``expected`` only those
-    settings and seeds are read.
+    ``seeds``, ``failures`` ([(seed, message, dir)]; a malformed results.json, ``layout.record_problem``, is one,
+    its message naming the file, and nothing else is read from it), and ``<metric>_mean`` / ``<metric>_std``
+    (sample std, n - 1; None for fewer than 2 values) for ``metrics`` (default: every numeric metric found). With
+    ``expected`` only those settings and seeds are read.
     """
     out_dir = Path(out_dir)
     runs_dir = out_dir / "runs"
@@ -92,14 +93,17 @@ def collect(out_dir: str | Path, metrics: list[str] | None = None,
         ok_seeds: list[Any] = []
         failures: list[tuple[Any, str, str]] = []
         for d in runs:
-            res = read_json(d / "results.json")
+            path = d / "results.json"
+            res = read_json(path)
+            problem = record_problem(path, res) if path.exists() else None
+            if problem:  # listed with its path and skipped, whatever else it holds
+                res = None
             if res is not None and axes is None and isinstance(res.get("axes"), dict):
                 axes = res["axes"]
             if fallback_axes is None:
                 fallback_axes = _axes_from_config(d, res)
             if res is None:
-                why = ("results.json unreadable" if (d / "results.json").exists()
-                       else "no results.json: the run crashed, was killed or is still running")
+                why = problem or "no results.json: the run crashed, was killed or is still running"
                 failures.append((_seed_of(d), why, str(d)))
                 continue
             if res.get("status") != "ok":

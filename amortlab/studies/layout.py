@@ -19,23 +19,45 @@ def run_dir(out_dir: Path, setting_id: str, seed: int) -> Path:
     return Path(out_dir) / "runs" / setting_id / f"seed{seed}"
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    """The parsed JSON file, or None when it is missing or unreadable."""
+def read_json(path: Path) -> Any:
+    """The parsed JSON file (any JSON value), or None when it is missing or unreadable."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 
 
+def record_problem(path: Path, res: Any) -> str | None:
+    """Why the run record ``res`` read from ``path`` (``read_json``) is unusable, or None when it is well formed:
+    a JSON object with a string ``status``, a ``metrics`` object, and (status ok) every metric a number (int or
+    float, not a bool; NaN and inf are numbers)."""
+    if res is None:
+        return f"unreadable: {path} is not valid JSON"
+    if not isinstance(res, dict):
+        return f"unreadable: {path} holds a JSON {type(res).__name__}, not an object with status and metrics"
+    if not isinstance(res.get("status"), str):
+        return f"unreadable: {path} has no status string (status = {res.get('status')!r})"
+    metrics = res.get("metrics", {})
+    if not isinstance(metrics, dict):
+        return f"malformed: {path} has metrics = {metrics!r}, not an object"
+    if res["status"] == "ok":
+        bad = [(k, v) for k, v in metrics.items() if not isinstance(v, (int, float)) or isinstance(v, bool)]
+        if bad:
+            shown = ", ".join(f"{k} = {v!r}" for k, v in bad[:3])
+            return f"malformed: {path} says status ok but holds metrics that are not numbers ({shown})"
+    return None
+
+
 def run_state(d: Path) -> str:
-    """``ok``; ``failed`` (results.json with status failed: an error such as a NaN loss, which a rerun would repeat);
-    ``crashed`` (a dir without results.json: killed, timed out, out of memory, or still running; or status
-    ``interrupted``); ``new`` (no dir)."""
+    """``ok``; ``failed`` (results.json with status failed: an error such as a NaN loss, which a rerun would repeat;
+    or a malformed record, ``record_problem``); ``crashed`` (a dir without results.json: killed, timed out, out of
+    memory, or still running; or status ``interrupted``); ``new`` (no dir)."""
     r = d / "results.json"
     if r.is_file():
         res = read_json(r)
-        status = res.get("status") if res else None
-        return {"ok": "ok", "interrupted": "crashed", "running": "crashed"}.get(status, "failed")
+        if record_problem(r, res):
+            return "failed"
+        return {"ok": "ok", "interrupted": "crashed", "running": "crashed"}.get(res["status"], "failed")
     return "crashed" if d.is_dir() else "new"
 
 
