@@ -1,0 +1,53 @@
+"""Resume and evaluate-only runs from checkpoints, with the README's commands (issue 32 rows 1, 6, 7, 8)."""
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli import results, train
+
+FAST = ["logger=none", "importance_samples.test=20", "evaluation.val=false", "trainer.limit_val_batches=2"]
+
+
+@pytest.fixture(scope="module")
+def k5_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("k5")
+    train(*FAST, "importance_samples=k5", "trainer.max_epochs=1", "trainer.limit_train_batches=3", run_dir=run_dir)
+    return run_dir
+
+
+def test_evaluating_a_k5_checkpoint_is_labelled_k5(k5_run, tmp_path):
+    """Row 7: name, tags and axes of ``train=false`` come from the checkpoint's run (k = 5), not today's default."""
+    train("train=false", f"ckpt_path={k5_run / 'checkpoints' / 'last.ckpt'}", *FAST, run_dir=tmp_path)
+    r = results(tmp_path)
+    assert r["status"] == "ok"
+    assert r["axes"]["k"] == 5 and "k:5" in r["tags"] and "k:1" not in r["tags"]
+    assert r["config"]["importance_samples"]["train"] == 5
+
+
+@pytest.mark.parametrize("override,named", [("model=burda_mlp2", "model."), ("posterior=flow", "model.encoder"),
+                                                 ("dataset.threshold=0.4", "dataset.threshold")])
+def test_evaluation_refuses_overrides_the_checkpoint_replaces(k5_run, tmp_path, override, named):
+    """Row 8: an override of the checkpoint's own groups is refused by name, not silently ignored."""
+    proc = train("train=false", f"ckpt_path={k5_run / 'checkpoints' / 'last.ckpt'}", *FAST, override,
+                 run_dir=tmp_path, check=False)
+    assert proc.returncode != 0
+    err = " ".join((proc.stdout + proc.stderr).split())
+    assert "train=false evaluates the checkpoint" in err and named in err and "evaluation.other_data=true" in err
+
+
+def test_evaluation_on_other_data_only_when_asked_and_recorded(k5_run, tmp_path):
+    """Row 8: the same model on digits binarized at another threshold, asked for with evaluation.other_data=true:
+    evaluated on that data (its test NLL differs from the checkpoint's own data) and recorded."""
+    ckpt = k5_run / "checkpoints" / "last.ckpt"
+    own, other = tmp_path / "own", tmp_path / "other"
+    # the checkpoint's own settings repeated are no change
+    train("train=false", f"ckpt_path={ckpt}", *FAST, "dataset=digits", "model=burda_mlp", "posterior=gaussian",
+          run_dir=own)
+    train("train=false", f"ckpt_path={ckpt}", *FAST, "dataset.threshold=0.2", "evaluation.other_data=true",
+          run_dir=other)
+    a, b = results(own), results(other)
+    assert "other_data" not in a
+    assert b["other_data"]["checkpoint_dataset"]["threshold"] == 0.5
+    assert b["other_data"]["evaluated_dataset"]["threshold"] == 0.2
+    assert b["config"]["dataset"]["threshold"] == 0.2
+    assert b["metrics"]["test/nll"] != pytest.approx(a["metrics"]["test/nll"], rel=1e-3)
