@@ -276,8 +276,9 @@ def _run(cfg: DictConfig, out_dir: Path, record: RunRecord) -> dict[str, Any]:
             except SystemExit:  # Lightning's answer to Ctrl-C: clean up, then exit(1)
                 if not trainer.interrupted:
                     raise
-        timing["fit_s"] = round(time.perf_counter() - t0, 3)
         throughput = next((c for c in callbacks.values() if isinstance(c, Throughput)), None)
+        # over every process that trained this run (the checkpoint holds the earlier ones' seconds and images)
+        timing["fit_s"] = round(throughput.fit_seconds(since=t0) if throughput else time.perf_counter() - t0, 3)
         timing["train_images_per_s"] = round(throughput.images_per_s, 1) if throughput and \
             throughput.images_per_s else None
         timing["epochs"] = trainer.current_epoch

@@ -1,4 +1,5 @@
 """Resume and evaluate-only runs from checkpoints, with the README's commands (issue 32 rows 1, 6, 7, 8)."""
+import shutil
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,26 @@ def test_evaluation_on_other_data_only_when_asked_and_recorded(k5_run, tmp_path)
     assert b["other_data"]["evaluated_dataset"]["threshold"] == 0.2
     assert b["config"]["dataset"]["threshold"] == 0.2
     assert b["metrics"]["test/nll"] != pytest.approx(a["metrics"]["test/nll"], rel=1e-3)
+
+
+def test_fit_time_images_and_steps_accumulate_across_resumes(tmp_path):
+    """Row 6: 1 epoch, then the README's resume command to 2 epochs: fit seconds at least the first process's, steps
+    those of a straight 2-epoch run; resuming a finished run (as after kill -9 in its final evaluation) reports the
+    first process's fit seconds and images/s, not 0."""
+    common = [*FAST, "trainer.limit_train_batches=12"]
+    run, straight, again = tmp_path / "run", tmp_path / "straight", tmp_path / "again"
+    train(*common, "trainer.max_epochs=2", run_dir=straight)
+    train(*common, "trainer.max_epochs=1", run_dir=run)
+    first = results(run)["timing"]
+    last = run / "checkpoints" / "last.ckpt"
+    shutil.copytree(run, again)
+    train(*common, f"ckpt_path={again / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=1", run_dir=again)
+    redo = results(again)["timing"]  # nothing left to train: the totals of the first process
+    assert redo["steps"] == first["steps"] == 12
+    assert redo["train_images_per_s"] == pytest.approx(first["train_images_per_s"], rel=0.2)
+    assert redo["fit_s"] >= 0.8 * first["fit_s"] > 0
+    train(*common, f"ckpt_path={last}", "trainer.max_epochs=2", run_dir=run)  # hydra.run.dir=<run> from train()
+    second = results(run)["timing"]
+    assert second["steps"] == results(straight)["timing"]["steps"] == 24
+    assert second["fit_s"] >= first["fit_s"]
+    assert second["train_images_per_s"] is not None
