@@ -75,3 +75,44 @@ def test_fit_time_images_and_steps_accumulate_across_resumes(tmp_path):
     assert second["steps"] == results(straight)["timing"]["steps"] == 24
     assert second["fit_s"] >= first["fit_s"]
     assert second["train_images_per_s"] is not None
+
+
+SEQ = ["dataset=lgssm", "model=lgssm", "inference=filtering", "dataset.n_train=300", "dataset.n_val=50",
+       "dataset.n_test=50"]
+
+
+@pytest.mark.parametrize("kind,extra", [
+    ("k5", ["importance_samples=k5"]),
+    ("reduced_test_k", []),  # importance_samples.test=20 (FAST) on the default k = 1
+    ("stacked_member", ["stack.seeds=[0,1]"]),
+    ("hierarchical", ["model=burda_mlp2"]),
+    ("sequence", SEQ),
+])
+def test_readme_resume_command_continues_like_an_uninterrupted_run(tmp_path, kind, extra):
+    """Row 1: 1 epoch, then README's resume command as printed (``python train.py ckpt_path=<run>/checkpoints/
+    last.ckpt hydra.run.dir=<run>``, plus ``trainer.max_epochs=2``) = a straight 2-epoch run: every metric, every
+    group (typed ones included) restored from the checkpoint. A stacked member's last.ckpt resumes alone as a
+    single run of its seed."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    common = [*FAST, "trainer.limit_train_batches=3", *extra]
+    first, straight = tmp_path / "first", tmp_path / "straight"
+    train(*common, "trainer.max_epochs=1", run_dir=first)
+    run = first / "seed1" if kind == "stacked_member" else first
+    single = [o for o in common if not o.startswith("stack.")] + (["seed=1"] if kind == "stacked_member" else [])
+    train(*single, "trainer.max_epochs=2", run_dir=straight)
+    cmd = [sys.executable, "train.py", f"ckpt_path={run}/checkpoints/last.ckpt", f"hydra.run.dir={run}",
+           "trainer.max_epochs=2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = results(straight), results(run)
+    assert b["status"] == "ok" and b["timing"]["steps"] == a["timing"]["steps"] == 6
+    assert b["config"]["importance_samples"] == a["config"]["importance_samples"]
+    rel = 1e-4 if kind == "stacked_member" else 1e-6  # a member equals its single run to float tolerance
+    for key, value in a["metrics"].items():
+        if isinstance(value, float) and not key.endswith("seconds"):
+            assert b["metrics"][key] == pytest.approx(value, rel=rel, abs=rel), key
