@@ -38,6 +38,8 @@ class Evaluation:
     val: also run the final estimator on the validation split (results.json ``val/...``).
     train_points: also run it on the first N training images (``train/...``; 0 = off): fitting vs generalisation,
         e.g. the amortization gap on the points the encoder was trained on (Cremer et al.'s gap code uses those).
+    other_data: with ``train=false``, evaluate the checkpoint on the command's dataset (same shape) instead of its
+        own; recorded in results.json (``other_data``). Without it a dataset override is refused.
     """
 
     estimator: Any = None
@@ -46,6 +48,7 @@ class Evaluation:
     ckpt: str = "best"
     val: bool = True
     train_points: int = 0
+    other_data: bool = False
 
 
 @dataclass

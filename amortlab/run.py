@@ -113,6 +113,60 @@ def resume_config(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) 
             if _covered(k, asked) and not _covered(k, RUN_LOCAL)]
 
 
+# dataset keys an evaluation may set without changing the data the model sees
+EVALUATION_LOCAL = ("dataset.data_dir", "dataset.seed", "dataset.download", "dataset.verify_checksum",
+                    "dataset.eval_batch_size")
+
+
+def _evaluation_overrides(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) -> bool:
+    """For ``train=false``: refuse a command override of a group the checkpoint replaces (``MODEL_GROUPS``: its
+    dataset, model, inference, encoder regularizer) that differs from the checkpoint's value, naming it. The one
+    exception is the dataset with ``evaluation.other_data=true``: the checkpoint is then evaluated on the command's
+    dataset (same image shape, checked once the data loads); returns whether that is the case."""
+    asked = {o.split("=", 1)[0].lstrip("+~").split("@")[0].replace("/", ".") for o in overrides}
+    other_data = bool(cfg.evaluation.get("other_data", False))
+    asked = {"model.encoder" if a.split(".")[0] in ("posterior", "encoder_size") else a for a in asked}
+    mentioned = [a for a in asked if a.split(".")[0] in MODEL_GROUPS and not _covered(a, EVALUATION_LOCAL)]
+    if not mentioned:
+        if other_data:
+            raise AmortlabError("evaluation.other_data=true evaluates the checkpoint on another dataset, but the "
+                                "command names none: add dataset=<name> (or dataset.<key>=<value>), or drop "
+                                "evaluation.other_data.")
+        return False
+    probe = copy.deepcopy(cfg)  # the checkpoint holds resolved values: ${x_dim} etc. as the run had them
+    with open_dict(probe):
+        for key in DATA_DERIVED:
+            if saved.get(key) is not None:
+                probe[key] = saved[key]
+    now = _flat(OmegaConf.to_container(probe, resolve=True))
+    before = _flat(saved)
+    differ = sorted(k for k in set(now) | set(before) if _covered(k, mentioned) and not _covered(k, EVALUATION_LOCAL)
+                    and str(now.get(k, "<absent>")) != str(before.get(k, "<absent>")))
+    refused = [k for k in differ if not (other_data and k.split(".")[0] == "dataset")]
+    if refused:
+        shown = "; ".join(f"{k}: {before.get(k, '<absent>')!r} in the checkpoint, {now.get(k, '<absent>')!r} asked"
+                          for k in refused[:8])
+        raise AmortlabError(f"train=false evaluates the checkpoint {cfg.ckpt_path} with its own dataset, model, "
+                            f"inference and encoder regularizer; the command overrides them ({shown}). Drop these "
+                            f"overrides; to evaluate the model on another dataset of the same shape, add "
+                            f"evaluation.other_data=true.")
+    return other_data and any(k.split(".")[0] == "dataset" for k in differ)
+
+
+def _check_other_data(cfg: DictConfig, dm) -> dict[str, Any]:
+    """``evaluation.other_data=true``: the data must have the shape the checkpoint was trained on; returns what is
+    recorded in results.json (``other_data``: the checkpoint's dataset and the evaluated one)."""
+    saved = load_checkpoint_config(cfg.ckpt_path) or {}
+    trained = {k: saved.get(k) for k in DATA_DERIVED}
+    now = {"x_dim": dm.x_dim, "image_shape": list(dm.image_shape), "step_dim": getattr(dm, "step_dim", None)}
+    if any(trained[k] is not None and trained[k] != now[k] for k in DATA_DERIVED):
+        raise AmortlabError(f"evaluation.other_data=true: the checkpoint {cfg.ckpt_path} was trained on data of "
+                            f"shape {trained}, the command's dataset ({dm.name}) has {now}; evaluate it on a dataset "
+                            f"of the same shape.")
+    return {"checkpoint_dataset": saved.get("dataset"),
+            "evaluated_dataset": OmegaConf.to_container(cfg.dataset, resolve=True)}
+
+
 def prepare_config(cfg: DictConfig) -> DictConfig:
     """Fill derived values: data_dir; for eval-only runs the model-defining groups from the checkpoint; for a
     resumed run its own settings from the checkpoint (``resume_config``)."""
@@ -126,8 +180,13 @@ def prepare_config(cfg: DictConfig) -> DictConfig:
         saved = load_checkpoint_config(cfg.ckpt_path)
         if saved is not None:
             check_stored_targets({g: saved[g] for g in MODEL_GROUPS if g in saved}, str(cfg.ckpt_path))
+            other_data = _evaluation_overrides(cfg, saved, command_overrides())
             with open_dict(cfg):
+                if isinstance(saved.get("importance_samples"), dict) and "train" in saved["importance_samples"]:
+                    cfg.importance_samples.train = saved["importance_samples"]["train"]  # the run's k: name, axes
                 for group in MODEL_GROUPS:
+                    if group == "dataset" and other_data:
+                        continue  # asked for explicitly (evaluation.other_data=true): the command's data
                     if group in saved:
                         node = OmegaConf.create(saved[group])
                         if group == "dataset":  # evaluate on this machine's copy of the data
@@ -195,6 +254,8 @@ def _run(cfg: DictConfig, out_dir: Path, record: RunRecord) -> dict[str, Any]:
     dm.setup("fit")
     results["data"] = dm.info()
     check_data(cfg, results["data"]["train_size"])
+    if not cfg.train and cfg.evaluation.get("other_data"):
+        results["other_data"] = _check_other_data(cfg, dm)
     with open_dict(cfg):
         cfg.x_dim = dm.x_dim
         cfg.image_shape = list(dm.image_shape)
@@ -226,8 +287,9 @@ def _run(cfg: DictConfig, out_dir: Path, record: RunRecord) -> dict[str, Any]:
             except SystemExit:  # Lightning's answer to Ctrl-C: clean up, then exit(1)
                 if not trainer.interrupted:
                     raise
-        timing["fit_s"] = round(time.perf_counter() - t0, 3)
         throughput = next((c for c in callbacks.values() if isinstance(c, Throughput)), None)
+        # over every process that trained this run (the checkpoint holds the earlier ones' seconds and images)
+        timing["fit_s"] = round(throughput.fit_seconds(since=t0) if throughput else time.perf_counter() - t0, 3)
         timing["train_images_per_s"] = round(throughput.images_per_s, 1) if throughput and \
             throughput.images_per_s else None
         timing["epochs"] = trainer.current_epoch

@@ -7,13 +7,44 @@ import lightning as L
 
 
 class Throughput(L.Callback):
-    """Counts training images and the seconds spent in training epochs (not in validation)."""
+    """Counts training images and the seconds spent in training epochs (not in validation), and the wall seconds of
+    ``trainer.fit``. All three are saved in checkpoints and restored on resume, so a resumed run reports the totals
+    of its whole training: images/s = images / train_s over every process that trained it (work after the last
+    checkpoint of a killed process is redone, and counted once)."""
 
     def __init__(self):
         self.images = 0
         self.train_s = 0.0
+        self.fit_s_before = 0.0  # wall seconds of fit in the processes before this one (from the checkpoint)
         self._t0: float | None = None
         self._step0: int | None = None
+        self._fit_t0: float | None = None
+        self._trainer = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            self._fit_t0, self._trainer = time.perf_counter(), trainer
+
+    def fit_seconds(self, since: float | None = None) -> float:
+        """Wall seconds of fit over all processes: the earlier ones' plus this one's since ``since`` (default: the
+        start of this fit)."""
+        t0 = since if since is not None else self._fit_t0
+        return self.fit_s_before + (time.perf_counter() - t0 if t0 is not None else 0.0)
+
+    def state_dict(self) -> dict:
+        now = time.perf_counter()
+        images = self.images
+        trainer = self._trainer
+        if trainer is not None and self._step0 is not None:  # the epoch in progress up to this save
+            batch = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
+            images += (trainer.global_step - self._step0) * (batch or 0) * trainer.world_size
+        return {"images": images, "train_s": self.train_s + (now - self._t0 if self._t0 is not None else 0.0),
+                "fit_s": self.fit_seconds()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.images = int(state_dict.get("images", 0))
+        self.train_s = float(state_dict.get("train_s", 0.0))
+        self.fit_s_before = float(state_dict.get("fit_s", 0.0))
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._t0 = time.perf_counter()
