@@ -114,5 +114,5 @@ def test_readme_resume_command_continues_like_an_uninterrupted_run(tmp_path, kin
     assert b["config"]["importance_samples"] == a["config"]["importance_samples"]
     rel = 1e-4 if kind == "stacked_member" else 1e-6  # a member equals its single run to float tolerance
     for key, value in a["metrics"].items():
-        if isinstance(value, float) and not key.endswith("seconds"):
+        if isinstance(value, float) and "seconds" not in key:  # wall-clock times differ between any two runs
             assert b["metrics"][key] == pytest.approx(value, rel=rel, abs=rel), key
