@@ -47,6 +47,11 @@ RUN_LOCAL = ("data_dir", "ckpt_path", "train", "test", "skip_if_done", "x_dim", 
 DATA_DERIVED = ("x_dim", "image_shape", "step_dim")  # filled in from the dataset (``_run``), read by ${x_dim} etc.
 
 
+def _differences(keys: list[str], before: dict, now: dict, label: str) -> str:
+    """``key: <checkpoint value> in the checkpoint, <value> <label>`` for the first 8 keys, for one message."""
+    return "; ".join(f"{k}: {before.get(k, '<absent>')!r} in the checkpoint, {now.get(k, '<absent>')!r} {label}"
+                     for k in keys[:8])
+
 def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(node, dict):
         out: dict[str, Any] = {}
@@ -85,8 +90,7 @@ def resume_config(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) 
     differ = [k for k in sorted(set(now) | set(before)) if now.get(k, "<absent>") != before.get(k, "<absent>")]
     refused = [k for k in differ if _covered(k, asked) and not _covered(k, RESUME_COMPATIBLE + RUN_LOCAL)]
     if refused:
-        shown = "; ".join(f"{k}: {before.get(k, '<absent>')!r} in the checkpoint, {now.get(k, '<absent>')!r} now"
-                          for k in refused[:8])
+        shown = _differences(refused, before, now, "now")
         raise AmortlabError(f"Resuming from {cfg.ckpt_path} with settings the checkpoint was not trained with ("
                             f"{shown}). A resumed run keeps its model, data, k, optimiser and seed; drop these "
                             f"overrides (they are restored from the checkpoint), or start a new run without "
@@ -144,8 +148,7 @@ def _evaluation_overrides(cfg: DictConfig, saved: dict[str, Any], overrides: lis
                     and str(now.get(k, "<absent>")) != str(before.get(k, "<absent>")))
     refused = [k for k in differ if not (other_data and k.split(".")[0] == "dataset")]
     if refused:
-        shown = "; ".join(f"{k}: {before.get(k, '<absent>')!r} in the checkpoint, {now.get(k, '<absent>')!r} asked"
-                          for k in refused[:8])
+        shown = _differences(refused, before, now, "asked")
         raise AmortlabError(f"train=false evaluates the checkpoint {cfg.ckpt_path} with its own dataset, model, "
                             f"inference and encoder regularizer; the command overrides them ({shown}). Drop these "
                             f"overrides; to evaluate the model on another dataset of the same shape, add "

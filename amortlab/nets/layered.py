@@ -25,6 +25,15 @@ from amortlab.errors import AmortlabError
 from amortlab.nets.mlp import MLP
 
 
+
+def layer_dims(latent_dims: Sequence[int], hidden: Sequence[Sequence[int]]) -> list[int]:
+    """(D_1, ..., D_L) as ints, refused unless ``hidden`` holds one list of hidden sizes per layer."""
+    dims = [int(d) for d in latent_dims]
+    if len(hidden) != len(dims):
+        raise AmortlabError(f"model.encoder.hidden has {len(hidden)} lists for {len(dims)} layers "
+                            f"(latent_dims={dims}); give one list of hidden sizes per layer.")
+    return dims
+
 class BottomUpEncoder(nn.Module):
     """x ``[B, X]`` -> q(z_1 | x) q(z_2 | z_1) ... (a ``LayeredGaussian``, drawn bottom-up).
 
@@ -40,10 +49,7 @@ class BottomUpEncoder(nn.Module):
     def __init__(self, x_dim: int, latent_dims: Sequence[int], hidden: Sequence[Sequence[int]],
                  activation: str = "tanh"):
         super().__init__()
-        dims = [int(d) for d in latent_dims]
-        if len(hidden) != len(dims):
-            raise AmortlabError(f"model.encoder.hidden has {len(hidden)} lists for {len(dims)} layers "
-                                f"(latent_dims={dims}); give one list of hidden sizes per layer.")
+        dims = layer_dims(latent_dims, hidden)
         self.latent_dims, self.z_dim = tuple(dims), sum(dims)
         ins = [int(x_dim), *dims[:-1]]
         self.nets = nn.ModuleList(MLP(i, list(h), 2 * d, activation) for i, h, d in zip(ins, hidden, dims))
@@ -86,10 +92,7 @@ class LadderEncoder(nn.Module):
     def __init__(self, x_dim: int, latent_dims: Sequence[int], hidden: Sequence[Sequence[int]],
                  activation: str = "tanh"):
         super().__init__()
-        dims = [int(d) for d in latent_dims]
-        if len(hidden) != len(dims):
-            raise AmortlabError(f"model.encoder.hidden has {len(hidden)} lists for {len(dims)} layers "
-                                f"(latent_dims={dims}); give one list of hidden sizes per layer.")
+        dims = layer_dims(latent_dims, hidden)
         self.latent_dims, self.z_dim = tuple(dims), sum(dims)
         act = activation_class(activation)
         paths, widths, width = [], [], int(x_dim)
