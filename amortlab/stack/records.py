@@ -88,11 +88,14 @@ class MemberRecords(L.Callback):
     of training) and the epoch line. ``checkpoints[i]``: member i's ``ModelCheckpoint``
     callbacks by name (built from its own config; only their settings and recorded state are used).
     ``configs[i]``: the member's resolved config. ``log_every``: the epoch line's cadence (the run's
-    ``callbacks.epoch_log.every_n_epochs``; None: no line)."""
+    ``callbacks.epoch_log.every_n_epochs``; None: no line). ``throughput``: the stacked run's ``Throughput``; each
+    member's checkpoint holds its share (images / N; the shared seconds), as its single run's would, so a member
+    resumed alone keeps counting its fit time."""
 
     def __init__(self, checkpoints: list[dict[str, ModelCheckpoint]], configs: list[dict[str, Any]],
-                 names: list[str], log_every: int | None = 1):
+                 names: list[str], log_every: int | None = 1, throughput: L.Callback | None = None):
         self.checkpoints, self.configs, self.names, self.log_every = checkpoints, configs, names, log_every
+        self.throughput = throughput
         self._t0 = 0.0
         self._step0 = 0
         self._full: dict | None = None
@@ -164,6 +167,10 @@ class MemberRecords(L.Callback):
         if pl_module.lr_scale is not None:
             member_lr_state(ckpt, float(pl_module.lr_scale[i]))
         ckpt["callbacks"] = {c.state_key: c.state_dict() for c in self.checkpoints[i].values()}
+        if self.throughput is not None:
+            shared = self.throughput.state_dict()
+            shared["images"] = shared["images"] // len(self.configs)
+            ckpt["callbacks"][self.throughput.state_key] = shared
         ckpt["amortlab_config"] = self.configs[i]
         ckpt["torch_rng_state"] = pl_module.member_rng_state(i)
         path.parent.mkdir(parents=True, exist_ok=True)

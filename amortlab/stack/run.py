@@ -234,9 +234,9 @@ def _run_stacked(cfg: DictConfig, plan: list[Member], records: list[RunRecord], 
     for r, cbs in zip(records, ckpt_cbs):
         r.callbacks = cbs
     epoch_log = next((cb for cb in member_cbs[0].values() if isinstance(cb, EpochLog)), None)
-    records_cb = MemberRecords(ckpt_cbs, [m.run_config for m in members], [d.name for d in dirs],
-                               epoch_log.every if epoch_log else None)
     throughput = Throughput()
+    records_cb = MemberRecords(ckpt_cbs, [m.run_config for m in members], [d.name for d in dirs],
+                               epoch_log.every if epoch_log else None, throughput)
     member_logs = MemberLogs(len(members), stacked.diverged) if cfg.logger else False
     # per-run callbacks are replaced (checkpoints, throughput, epoch line: MemberRecords) or not drawn (image
     # panels); every other one (annealing, a user's +callbacks.NAME) sees the stacked module
