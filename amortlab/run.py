@@ -52,6 +52,23 @@ def _differences(keys: list[str], before: dict, now: dict, label: str) -> str:
     return "; ".join(f"{k}: {before.get(k, '<absent>')!r} in the checkpoint, {now.get(k, '<absent>')!r} {label}"
                      for k in keys[:8])
 
+
+def _asked(overrides: list[str]) -> set[str]:
+    """The config keys a command's overrides name (``+a.b=1``, ``~c``, ``group@pkg=x``, ``g/sub=x`` -> a.b, c, ...)."""
+    return {o.split("=", 1)[0].lstrip("+~").split("@")[0].replace("/", ".") for o in overrides}
+
+
+def _as_the_run_resolved(cfg: DictConfig, saved: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` flattened and resolved with the data-derived sizes the checkpoint's run had (they are filled in only
+    after the data loads): ``${x_dim}`` inside a group then compares equal to the checkpoint's value."""
+    probe = copy.deepcopy(cfg)
+    with open_dict(probe):
+        for key in DATA_DERIVED:
+            if saved.get(key) is not None:
+                probe[key] = saved[key]
+    return _flat(OmegaConf.to_container(probe, resolve=True))
+
+
 def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(node, dict):
         out: dict[str, Any] = {}
@@ -79,14 +96,8 @@ def resume_config(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) 
     that is compatible (``RESUME_COMPATIBLE``: more epochs, another evaluation, ...); those changes are returned for
     the log. An incompatible one (another model, batch size, k, optimiser, seed, ...) is refused with the keys
     named."""
-    asked = {o.split("=", 1)[0].lstrip("+~").split("@")[0].replace("/", ".") for o in overrides}
-    probe = copy.deepcopy(cfg)  # compared with the data-derived sizes the run had (filled in only after the data
-    with open_dict(probe):      # loads, and the data comes from the checkpoint): ${x_dim} inside a group is no change
-        for key in DATA_DERIVED:
-            if saved.get(key) is not None:
-                probe[key] = saved[key]
-    current = OmegaConf.to_container(probe, resolve=True)
-    now, before = _flat(current), _flat(saved)
+    asked = _asked(overrides)
+    now, before = _as_the_run_resolved(cfg, saved), _flat(saved)
     differ = [k for k in sorted(set(now) | set(before)) if now.get(k, "<absent>") != before.get(k, "<absent>")]
     refused = [k for k in differ if _covered(k, asked) and not _covered(k, RESUME_COMPATIBLE + RUN_LOCAL)]
     if refused:
@@ -127,7 +138,7 @@ def _evaluation_overrides(cfg: DictConfig, saved: dict[str, Any], overrides: lis
     dataset, model, inference, encoder regularizer) that differs from the checkpoint's value, naming it. The one
     exception is the dataset with ``evaluation.other_data=true``: the checkpoint is then evaluated on the command's
     dataset (same image shape, checked once the data loads); returns whether that is the case."""
-    asked = {o.split("=", 1)[0].lstrip("+~").split("@")[0].replace("/", ".") for o in overrides}
+    asked = _asked(overrides)
     other_data = bool(cfg.evaluation.get("other_data", False))
     asked = {"model.encoder" if a.split(".")[0] in ("posterior", "encoder_size") else a for a in asked}
     mentioned = [a for a in asked if a.split(".")[0] in MODEL_GROUPS and not _covered(a, EVALUATION_LOCAL)]
@@ -137,13 +148,7 @@ def _evaluation_overrides(cfg: DictConfig, saved: dict[str, Any], overrides: lis
                                 "command names none: add dataset=<name> (or dataset.<key>=<value>), or drop "
                                 "evaluation.other_data.")
         return False
-    probe = copy.deepcopy(cfg)  # the checkpoint holds resolved values: ${x_dim} etc. as the run had them
-    with open_dict(probe):
-        for key in DATA_DERIVED:
-            if saved.get(key) is not None:
-                probe[key] = saved[key]
-    now = _flat(OmegaConf.to_container(probe, resolve=True))
-    before = _flat(saved)
+    now, before = _as_the_run_resolved(cfg, saved), _flat(saved)
     differ = sorted(k for k in set(now) | set(before) if _covered(k, mentioned) and not _covered(k, EVALUATION_LOCAL)
                     and str(now.get(k, "<absent>")) != str(before.get(k, "<absent>")))
     refused = [k for k in differ if not (other_data and k.split(".")[0] == "dataset")]
